@@ -1,0 +1,259 @@
+"""The audit workflow: data -> victim -> protected updates -> attack -> metrics.
+
+Plain functions that the CLI (and users' scripts) call with plain values.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxleak.capture import Capture, capture_updates, time_capture, unflatten_tree
+from jaxleak.privacy import DPConfig
+
+
+def load_data(name: str, *, split: str = "test", n: int | None = None, seed: int = 0,
+              image_size=None, data_dir: str | None = None, download: bool = False):
+    """Loads a dataset by name or path (see :func:`jaxleak.data.load_dataset`)."""
+    from jaxleak.data import load_dataset
+
+    return load_dataset(name, split=split, n=n, seed=seed, image_size=image_size,
+                        data_dir=data_dir, download=download)
+
+
+def _model_options(width: int | None, hidden: Sequence[int] | None) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if width is not None:
+        opts["width"] = int(width)
+    if hidden is not None:
+        opts["hidden"] = [int(h) for h in hidden]
+    return opts
+
+
+def make_victim(model: str, *, image_shape, num_classes: int, options: dict[str, Any] | None = None):
+    """A :class:`jaxleak.models.Victim` from plain values (as stored in capture metadata)."""
+    from jaxleak.models import get_victim
+
+    opts = dict(options or {})
+    if "hidden" in opts and opts["hidden"] is not None:
+        opts["hidden"] = tuple(opts["hidden"])
+    return get_victim(model, image_shape=tuple(int(v) for v in image_shape), num_classes=int(num_classes),
+                      **opts)
+
+
+def build_victim(model: str, *, dataset=None, image_shape=None, num_classes: int | None = None,
+                 width: int | None = None, hidden: Sequence[int] | None = None,
+                 checkpoint: str | None = None, init_seed: int = 0):
+    """Builds the victim and its variables; returns ``(victim, variables, meta)``.
+
+    Variables come from ``checkpoint`` (``jaxleak train-victim``) when given,
+    otherwise from the victim's initialisation with ``init_seed``.
+    """
+    if dataset is not None:
+        image_shape = dataset.images.shape[1:]
+        num_classes = dataset.num_classes
+    if image_shape is None or num_classes is None:
+        raise ValueError("build_victim needs a dataset or image_shape and num_classes")
+    options = _model_options(width, hidden)
+    victim = make_victim(model, image_shape=image_shape, num_classes=num_classes, options=options)
+    meta: dict[str, Any] = {"model_options": options}
+    if checkpoint:
+        from jaxleak.models import load_variables
+
+        variables, _ = load_variables(checkpoint, victim)
+        meta.update(checkpoint=os.path.abspath(checkpoint), init_seed=None)
+    else:
+        variables = victim.init(jax.random.PRNGKey(init_seed))
+        meta.update(checkpoint=None, init_seed=int(init_seed))
+    return victim, variables, meta
+
+
+def capture(victim, variables, dataset, *, dp: DPConfig, batch_size: int = 1, seed: int = 0,
+            layer: str = "head", chunk_size: int = 256, keep_update: bool = False,
+            keep_params: bool = False, extra_meta: dict | None = None, progress: bool = False) -> Capture:
+    """Captures the protected updates of clients holding ``dataset``'s images."""
+    meta = {
+        "dataset": dataset.name,
+        "dataset_split": dataset.split,
+        "dataset_source": dataset.source,
+        "dataset_indices": [int(i) for i in np.asarray(dataset.indices)[:100_000]],
+        **(extra_meta or {}),
+    }
+    return capture_updates(victim, variables, dataset.images, dataset.labels, dp=dp,
+                           batch_size=batch_size, seed=seed, layer=layer, chunk_size=chunk_size,
+                           keep_update=keep_update, keep_params=keep_params, meta=meta, progress=progress)
+
+
+def victim_from_capture(cap: Capture):
+    """Recreates the victim and its capture-time variables, or ``None`` when impossible."""
+    meta = cap.meta
+    try:
+        victim = make_victim(meta["model"], image_shape=meta["image_shape"],
+                             num_classes=meta.get("num_classes", cap.fc_bias_grad.shape[1]),
+                             options=meta.get("model_options"))
+    except (ValueError, KeyError):
+        return None
+    if cap.params:
+        return victim, jax.tree_util.tree_map(jnp.asarray, unflatten_tree(cap.params))
+    if meta.get("checkpoint") and os.path.exists(meta["checkpoint"]):
+        from jaxleak.models import load_variables
+
+        return victim, load_variables(meta["checkpoint"], victim)[0]
+    if meta.get("init_seed") is not None:
+        return victim, victim.init(jax.random.PRNGKey(int(meta["init_seed"])))
+    return None
+
+
+def layer_inputs(victim, variables, images: np.ndarray, layer: str = "head", batch: int = 512) -> np.ndarray:
+    """The true input map ``[N, H, W, C]`` of ``layer`` for ``images`` (what SPE tries to recover)."""
+    fn = jax.jit(lambda v, x: victim.layer_input(v, x, layer=layer))
+    out = [np.asarray(fn(variables, images[i:i + batch])) for i in range(0, len(images), batch)]
+    return np.concatenate(out)
+
+
+def recovers_image(meta: dict) -> bool:
+    """Whether the attacked layer's input is the image itself (first dense layer of an mlp)."""
+    return meta.get("layer") == "first" and list(meta["feature_shape"]) == list(meta["image_shape"])
+
+
+def resolve_sigma2(cap: Capture, sigma2: str | float) -> tuple[float | None, str]:
+    """``(sigma2 or None for estimate, source label)`` for SPE on ``cap``."""
+    if isinstance(sigma2, int | float):
+        if sigma2 < 0 or not math.isfinite(sigma2):
+            raise ValueError(f"sigma2 must be a finite number >= 0, got {sigma2}")
+        return float(sigma2), "given"
+    if sigma2 == "estimate":
+        return None, "estimated"
+    if sigma2 == "mechanism":
+        var = cap.meta.get("noise_variance")
+        if isinstance(var, int | float) and math.isfinite(var):
+            return float(var), "mechanism"
+        return None, "estimated (capture has no noise_variance)"
+    raise ValueError(f"sigma2 must be 'mechanism', 'estimate' or a number, got {sigma2!r}")
+
+
+def run_spe(cap: Capture, *, sigma2: str | float = "mechanism", refine: bool = True, wavelet: str = "db4",
+            levels: int = 2, chunk_size: int | None = 512):
+    """SPE on every capture in ``cap``; returns ``(SPEResult as numpy, sigma2 source)``."""
+    from jaxleak.attacks.spe import SPEConfig, spe_batch
+
+    s2, source = resolve_sigma2(cap, sigma2)
+    config = SPEConfig(wavelet=wavelet, levels=levels, refine=refine,
+                       noise_rank=int(cap.meta.get("batch_size", 1)))
+    result = spe_batch(cap.fc_weight_grad, cap.fc_bias_grad, feature_shape=cap.feature_shape, sigma2=s2,
+                       config=config, chunk_size=chunk_size)
+    return jax.tree_util.tree_map(np.asarray, result), source
+
+
+def image_metrics(recon: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-image PSNR, SSIM and MSE ([N] each)."""
+    from jaxleak import metrics
+
+    x, y = jnp.asarray(recon, jnp.float32), jnp.asarray(truth, jnp.float32)
+    return {k: np.asarray(getattr(metrics, k)(x, y)) for k in ("psnr", "ssim", "mse")}
+
+
+def feature_metrics(features_raw: np.ndarray, features: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:
+    """Cosine similarity of recovered vs true head features, before and after refinement."""
+    from jaxleak.metrics import cosine_similarity
+
+    t = jnp.asarray(true.reshape(len(true), -1))
+    return {
+        "feature_cosine_raw": np.asarray(cosine_similarity(jnp.asarray(features_raw), t)),
+        "feature_cosine": np.asarray(cosine_similarity(jnp.asarray(features.reshape(len(true), -1)), t)),
+    }
+
+
+def attack_spe(cap: Capture, *, out_dir: str, sigma2: str | float = "mechanism", refine: bool = True,
+               wavelet: str = "db4", levels: int = 2, chunk_size: int | None = 512,
+               data_dir: str | None = None) -> dict[str, Any]:
+    """Runs SPE on a capture and writes ``features.npz`` (+ ``reconstructions.npz``, ``metrics.json``).
+
+    Returns a JSON-ready summary (what was written, metric means).
+    """
+    from jaxleak.report.summary import write_metrics_json
+
+    del data_dir
+    os.makedirs(out_dir, exist_ok=True)
+    res, source = run_spe(cap, sigma2=sigma2, refine=refine, wavelet=wavelet, levels=levels,
+                          chunk_size=chunk_size)
+    n = cap.n
+    np.savez(os.path.join(out_dir, "features.npz"), features_raw=res.features_raw,
+             features=res.features.reshape(n, *cap.feature_shape), noise_strength=res.noise_strength,
+             selected=res.selected, sigma2=res.sigma2, sigma2_estimated=res.sigma2_estimated)
+    written = ["features.npz"]
+    batch = int(cap.meta.get("batch_size", 1))
+    extra = {
+        "attack": "spe",
+        "captures": cap.meta,
+        "sigma2_source": source,
+        "refine": refine,
+        "wavelet": wavelet,
+        "levels": levels,
+        "calibration": cap.meta.get("calibration"),
+        "epsilon": cap.meta.get("epsilon"),
+    }
+    metrics: dict[str, np.ndarray] = {}
+    if recovers_image(cap.meta):
+        recon = np.clip(res.features.reshape(n, *cap.image_shape), 0.0, 1.0).astype(np.float32)
+        np.savez(os.path.join(out_dir, "reconstructions.npz"), images=recon)
+        written.append("reconstructions.npz")
+        if cap.images is not None and batch == 1:
+            metrics.update(image_metrics(recon, cap.images_float()))
+    elif cap.images is not None and batch == 1:
+        rebuilt = victim_from_capture(cap)
+        if rebuilt is not None:
+            victim, variables = rebuilt
+            true = layer_inputs(victim, variables, cap.images_float(), cap.meta.get("layer", "head"))
+            metrics.update(feature_metrics(res.features_raw, res.features, true))
+        else:
+            extra["note"] = "victim could not be recreated from the capture: no feature metrics"
+    if batch > 1:
+        extra["note"] = f"client batches of B={batch}: SPE recovers a mixture; per-image metrics are not computed"
+    metrics["noise_strength"] = res.noise_strength
+    metrics["selected_count"] = res.selected.sum(-1).astype(np.float32)
+    write_metrics_json(os.path.join(out_dir, "metrics.json"), metrics, extra=extra)
+    written.append("metrics.json")
+    means = {k: float(np.nanmean(np.where(np.isinf(v), np.nan, v))) for k, v in metrics.items()}
+    return {"out": out_dir, "written": written, "n": n, "sigma2_source": source, "means": means}
+
+
+def bench_capture(model: str, *, image_size: int = 32, channels: int = 3, num_classes: int = 10,
+                  batch: int = 1024, repeats: int = 10, dp: DPConfig | None = None,
+                  width: int | None = None, hidden: Sequence[int] | None = None) -> dict[str, Any]:
+    """Throughput of capture for ``model`` (compile time excluded, median of ``repeats``)."""
+    dp = dp or DPConfig(calibration="dpsgd", epsilon=10.0)
+    victim, variables, _ = build_victim(model, image_shape=(image_size, image_size, channels),
+                                        num_classes=num_classes, width=width, hidden=hidden)
+    result = time_capture(victim, variables, dp=dp, batch=batch, repeats=repeats)
+    return {"benchmark": "capture", "model": model, "image_size": image_size, "channels": channels,
+            "num_classes": num_classes, **result}
+
+
+def train_and_save_victim(model: str, dataset, *, out: str, width=None, hidden=None, steps: int = 500,
+                          batch_size: int = 64, learning_rate: float = 1e-3, seed: int = 0,
+                          progress: bool = True) -> str:
+    """Trains a victim on ``dataset`` and writes an orbax checkpoint to ``out``."""
+    from jaxleak.models import save_variables, train_victim
+
+    victim, _, meta = build_victim(model, dataset=dataset, width=width, hidden=hidden, init_seed=seed)
+    variables = train_victim(victim, dataset.images, dataset.labels, steps=steps, batch_size=batch_size,
+                             learning_rate=learning_rate, seed=seed, progress=progress)
+    save_variables(out, variables, metadata={
+        "model": model, "image_shape": list(victim.image_shape), "num_classes": victim.num_classes,
+        "options": meta["model_options"], "dataset": dataset.name, "split": dataset.split,
+        "steps": steps, "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed})
+    return os.path.abspath(out)
+
+
+__all__ = [
+    "attack_spe", "bench_capture", "build_victim", "capture", "feature_metrics", "image_metrics",
+    "layer_inputs", "load_data", "make_victim", "recovers_image", "resolve_sigma2", "run_spe",
+    "train_and_save_victim", "victim_from_capture",
+]

@@ -1,0 +1,323 @@
+"""The ``jaxleak`` command line: the one place that parses options.
+
+Every subcommand turns its flags into plain values and calls library functions.
+Errors in user input end with a one-line message and exit status 2 (``--debug``
+shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, no traceback."""
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return v
+
+
+def _epsilon(text: str) -> float:
+    if text.lower() in ("inf", "none"):
+        return math.inf
+    return _positive_float(text)
+
+
+def _image_size(text: str) -> int | tuple[int, int]:
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or HxW with positive sizes, got {text!r}")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
+def _add_dp_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("differential privacy (see README: 'Two calibrations')")
+    g.add_argument("--calibration", choices=("paper", "dpsgd", "none"), default="paper",
+                   help="paper: Venom/Mjolnir protocol (joint FC clip, s = 2*lr*C/m); "
+                        "dpsgd: per-example clip + z*C noise on the sum; none: no protection")
+    g.add_argument("--mechanism", choices=("gaussian", "laplace"), default="gaussian")
+    g.add_argument("--epsilon", type=_epsilon, default=10.0, help="privacy budget (default 10)")
+    g.add_argument("--delta", type=_positive_float, default=1e-5)
+    g.add_argument("--clip", type=_positive_float, default=1.0, help="L2 clipping bound C")
+    g.add_argument("--dp-lr", type=_positive_float, default=1e-3,
+                   help="paper calibration: lr in the sensitivity 2*lr*C/m (default 0.001)")
+    g.add_argument("--noise-multiplier", type=float, default=None,
+                   help="dpsgd: use this z directly instead of calibrating it from epsilon")
+    g.add_argument("--sampling-rate", type=_positive_float, default=1.0, help="dpsgd accountant: q")
+    g.add_argument("--steps", type=_positive_int, default=1, help="dpsgd accountant: composed steps")
+    g.add_argument("--accountant", choices=("rdp", "pld"), default="rdp")
+
+
+def _dp_config(args):
+    from jaxleak.privacy import DPConfig
+
+    calibration = args.calibration
+    if calibration != "none" and math.isinf(args.epsilon) and args.noise_multiplier is None:
+        calibration = "none"  # epsilon = inf means no protection
+    return DPConfig(
+        calibration=calibration, mechanism=args.mechanism,
+        epsilon=None if math.isinf(args.epsilon) else args.epsilon, delta=args.delta,
+        clip=args.clip, lr=args.dp_lr, noise_multiplier=args.noise_multiplier,
+        sampling_rate=args.sampling_rate, steps=args.steps, accountant=args.accountant,
+    )
+
+
+def _add_data_options(p: argparse.ArgumentParser, *, default_dataset: str = "mnist-embedded") -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=default_dataset,
+                   help="a name (mnist, cifar10, tinyimagenet32, imagenette128, mnist-embedded, any tfds "
+                        "name) or a path to an image folder / .tar.gz (default %(default)s)")
+    g.add_argument("--split", default="test")
+    g.add_argument("--data-dir", default=None,
+                   help="folder with offline dataset copies (default: $JAXLEAK_DATA_DIR)")
+    g.add_argument("--image-size", type=_image_size, default=None, help="resize to N or HxW")
+    g.add_argument("--download", action="store_true", help="let tensorflow-datasets download")
+
+
+def _add_victim_options(p: argparse.ArgumentParser, *, default_model: str = "lenet-venom") -> None:
+    g = p.add_argument_group("victim model")
+    g.add_argument("--model", default=default_model, help="victim name (see `jaxleak models`)")
+    g.add_argument("--width", type=_positive_int, default=None, help="convnet/resnet width")
+    g.add_argument("--hidden", type=_positive_int, nargs="+", default=None, help="mlp hidden widths")
+    g.add_argument("--checkpoint", default=None, help="victim checkpoint from `jaxleak train-victim`")
+    g.add_argument("--init-seed", type=_nonneg_int, default=0,
+                   help="seed of the victim's random initialisation (when no checkpoint)")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_capture(args) -> int:
+    from jaxleak import audit
+    from jaxleak.capture import save_capture
+
+    dataset = audit.load_data(args.dataset, split=args.split, n=args.n * args.batch_size, seed=args.data_seed,
+                              image_size=args.image_size, data_dir=args.data_dir, download=args.download)
+    victim, variables, vmeta = audit.build_victim(
+        args.model, dataset=dataset, width=args.width, hidden=args.hidden,
+        checkpoint=args.checkpoint, init_seed=args.init_seed)
+    cap = audit.capture(
+        victim, variables, dataset, dp=_dp_config(args), batch_size=args.batch_size, seed=args.seed,
+        layer=args.layer, chunk_size=args.chunk_size, keep_update=args.keep_update,
+        keep_params=args.keep_params, extra_meta=vmeta, progress=not args.quiet)
+    save_capture(args.out, cap, compress=args.compress)
+    m = cap.meta
+    print(f"wrote {args.out}: {cap.n} clients x B={m['batch_size']} from {m['dataset']}:{m['dataset_split']} "
+          f"({m['dataset_source']}), {m['model']} layer '{m['layer']}' {cap.fc_weight_grad.shape[1:]}, "
+          f"{m['calibration']}/{m['mechanism']} eps={m['epsilon']} noise_std={m['noise_std']:.4g}")
+    return 0
+
+
+def cmd_attack(args) -> int:
+    from jaxleak import audit
+    from jaxleak.capture import load_capture
+
+    if args.attack != "spe":
+        raise CLIError(f"attack {args.attack!r} is not available yet; available: spe")
+    cap = load_capture(args.captures)
+    sigma2 = args.sigma2
+    if sigma2 not in ("mechanism", "estimate"):
+        try:
+            sigma2 = float(sigma2)
+        except ValueError:
+            raise CLIError(f"--sigma2 must be 'mechanism', 'estimate' or a number, got {sigma2!r}") from None
+    summary = audit.attack_spe(
+        cap, out_dir=args.out, sigma2=sigma2, refine=not args.no_refine, wavelet=args.wavelet,
+        levels=args.levels, chunk_size=args.chunk_size, data_dir=args.data_dir)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from jaxleak import audit
+
+    if args.what != "capture":
+        raise CLIError(f"unknown benchmark {args.what!r}; available: capture")
+    result = audit.bench_capture(
+        args.model, image_size=args.image_size, channels=args.channels, num_classes=args.num_classes,
+        batch=args.batch, repeats=args.repeats, dp=_dp_config(args), width=args.width, hidden=args.hidden)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from jaxleak.demo import run_demo
+
+    run_demo(out_dir=args.out, n=args.n, epsilons=tuple(args.epsilons), seed=args.seed, verbose=not args.quiet)
+    return 0
+
+
+def cmd_train_victim(args) -> int:
+    from jaxleak import audit
+
+    dataset = audit.load_data(args.dataset, split=args.split, n=args.n, seed=args.data_seed,
+                              image_size=args.image_size, data_dir=args.data_dir, download=args.download)
+    path = audit.train_and_save_victim(
+        args.model, dataset, out=args.out, width=args.width, hidden=args.hidden, steps=args.train_steps,
+        batch_size=args.batch_size, learning_rate=args.lr, seed=args.init_seed, progress=not args.quiet)
+    print(f"wrote victim checkpoint {path}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from jaxleak.data import DATASETS
+    from jaxleak.models import VICTIMS
+
+    table = VICTIMS if args.what == "models" else DATASETS
+    width = max(map(len, table))
+    for name, text in table.items():
+        print(f"{name:<{width}}  {text}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jaxleak._version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="jaxleak",
+        description="Audit privacy in federated learning by attacking it: simulate DP-protected client "
+                    "updates, reconstruct the private images, measure what leaked.")
+    parser.add_argument("--version", action="version", version=f"jaxleak {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="offline end-to-end audit on embedded MNIST digits (< 1 min on CPU)",
+                       description="Capture real digits under the paper calibration at several epsilons from "
+                                   "an mlp's first layer and a lenet-venom head, run SPE, print a table and "
+                                   "save a PNG grid.")
+    p.add_argument("--out", default="jaxleak-demo", help="output folder (default %(default)s)")
+    p.add_argument("--n", type=_positive_int, default=256, help="digits per setting (default %(default)s)")
+    p.add_argument("--epsilons", type=_positive_float, nargs="+", default=[1.0, 5.0, 10.0])
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("capture", help="simulate DP-protected client updates and save what an attacker sees",
+                       description="Simulate FedSGD clients on real images, protect their updates with a DP "
+                                   "mechanism and write a capture file (.npz).")
+    _add_data_options(p)
+    _add_victim_options(p)
+    p.add_argument("--n", type=_positive_int, default=256, help="number of clients (default %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="examples per client (FedSGD B)")
+    p.add_argument("--layer", default="head", help="dense layer to record: head, or first (mlp)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="noise seed")
+    p.add_argument("--data-seed", type=_nonneg_int, default=0, help="seed of the image subset")
+    p.add_argument("--chunk-size", type=_positive_int, default=256, help="clients per compiled call")
+    p.add_argument("--keep-update", action="store_true", help="also store the whole protected update")
+    p.add_argument("--keep-params", action="store_true", help="also store the victim's parameters")
+    p.add_argument("--compress", action="store_true", help="write a compressed .npz")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", required=True, help="capture file to write (.npz)")
+    _add_dp_options(p)
+    p.set_defaults(func=cmd_capture)
+
+    p = sub.add_parser("attack", help="reconstruct from a capture file",
+                       description="Run an attack on a capture file; writes features.npz, and "
+                                   "reconstructions.npz + metrics.json when images are recovered.")
+    p.add_argument("attack", choices=("spe",), help="spe: Venom's Structural Prior Extraction")
+    p.add_argument("--captures", required=True, help="capture file (.npz)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--sigma2", default="mechanism",
+                   help="noise variance for SPE's stabiliser: 'mechanism' (from the capture's meta, "
+                        "falls back to estimate), 'estimate' (from the update alone) or a number")
+    p.add_argument("--no-refine", action="store_true", help="skip the wavelet refinement")
+    p.add_argument("--wavelet", default="db4")
+    p.add_argument("--levels", type=_positive_int, default=2)
+    p.add_argument("--chunk-size", type=_positive_int, default=512)
+    p.add_argument("--data-dir", default=None, help="where the victim checkpoint/data live if needed")
+    p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser("bench", help="measure throughput (prints one JSON line)")
+    p.add_argument("what", choices=("capture",))
+    p.add_argument("--model", default="lenet-dlg")
+    p.add_argument("--image-size", type=_positive_int, default=32)
+    p.add_argument("--channels", type=_positive_int, default=3)
+    p.add_argument("--num-classes", type=_positive_int, default=10)
+    p.add_argument("--batch", type=_positive_int, default=1024)
+    p.add_argument("--repeats", type=_positive_int, default=10)
+    p.add_argument("--width", type=_positive_int, default=None)
+    p.add_argument("--hidden", type=_positive_int, nargs="+", default=None)
+    _add_dp_options(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("train-victim", help="train a victim model briefly and save an orbax checkpoint")
+    _add_data_options(p, default_dataset="mnist-embedded")
+    _add_victim_options(p)
+    p.set_defaults(split="train")
+    p.add_argument("--n", type=_positive_int, default=None, help="training images (default: all)")
+    p.add_argument("--data-seed", type=_nonneg_int, default=0)
+    p.add_argument("--train-steps", type=_positive_int, default=500)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.set_defaults(func=cmd_train_victim)
+
+    p = sub.add_parser("models", help="list victim models")
+    p.set_defaults(func=cmd_list, what="models")
+    p = sub.add_parser("datasets", help="list known dataset names")
+    p.set_defaults(func=cmd_list, what="datasets")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("jaxleak: interrupted", file=sys.stderr)
+        return 130
+    except (CLIError, ValueError, OSError, KeyError) as e:
+        if args.debug or os.environ.get("JAXLEAK_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"jaxleak {args.command}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

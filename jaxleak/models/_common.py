@@ -1,0 +1,76 @@
+"""Pieces shared by every victim architecture.
+
+Every victim ends in a Dense layer named ``head``. Right before it, the module
+sows the head's input *as an NHWC map* into the ``intermediates`` collection
+(name ``"<layer key>_input"``), then flattens it with a plain
+``x.reshape(n, -1)``. The sown map is how ``feature_shape`` is computed (by
+``jax.eval_shape``, never by hand) and how callers read the true features that
+an attack on the head tries to recover.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+INTERMEDIATES = "intermediates"
+
+# torch's BatchNorm2d defaults: running stats updated with weight 0.1 for the new batch, eps 1e-5.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def input_name(layer_key: str) -> str:
+    """Name under which the input of layer ``layer_key`` is sown."""
+    return f"{layer_key}_input"
+
+
+def torch_padding(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Symmetric padding ``k // 2`` on both sides, as ``torch.nn.Conv2d(padding=k // 2)``.
+
+    Flax's ``"SAME"`` puts the odd pixel of a strided convolution's padding on
+    the far side; the reference models pad both sides equally, and matching
+    them keeps the receptive fields (and so the leaked features) identical.
+    """
+    pad = kernel_size // 2
+    return ((pad, pad), (pad, pad))
+
+
+def uniform_init(low: float, high: float) -> nn.initializers.Initializer:
+    """Initializer drawing i.i.d. ``U(low, high)`` (DLG initialises every weight and bias so)."""
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, low, high)
+
+    return init
+
+
+def sow_map(module: nn.Module, layer_key: str, fmap: Float[Array, "b h w c"]) -> None:
+    """Records ``fmap`` (the NHWC input map of layer ``layer_key``) in ``intermediates``."""
+    module.sow(INTERMEDIATES, input_name(layer_key), fmap)
+
+
+def dense_head(
+    module: nn.Module,
+    fmap: Float[Array, "b h w c"],
+    num_classes: int,
+    **dense_kwargs: Any,
+) -> Float[Array, "b k"]:
+    """Sows ``fmap``, flattens it in NHWC order and applies the Dense layer ``head``.
+
+    Must be called from inside ``module``'s ``@nn.compact`` method.
+    """
+    sow_map(module, "head", fmap)
+    flat = fmap.reshape(fmap.shape[0], -1)
+    return nn.Dense(num_classes, name="head", **dense_kwargs)(flat)
+
+
+def batch_norm(train: bool, name: str) -> nn.BatchNorm:
+    """BatchNorm with torch-like defaults; running statistics unless ``train``."""
+    return nn.BatchNorm(
+        use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name
+    )

@@ -1,0 +1,100 @@
+"""The command line: subcommands, outputs, one-line errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxleak.capture import load_capture
+from jaxleak.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_on_every_subcommand(capsys):
+    for cmd in ("demo", "capture", "attack", "bench", "train-victim", "models", "datasets"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        assert "usage: jaxleak" in capsys.readouterr().out
+
+
+def test_capture_then_attack_spe_on_mlp_first_layer(tmp_path, capsys):
+    caps = tmp_path / "caps.npz"
+    code, out, _ = _run(capsys, "capture", "--dataset", "mnist-embedded", "--split", "train", "--model", "mlp",
+                        "--hidden", "32", "--layer", "first", "--n", "8", "--epsilon", "10", "--quiet",
+                        "--out", str(caps))
+    assert code == 0 and "wrote" in out
+    cap = load_capture(caps)
+    assert cap.fc_weight_grad.shape == (8, 32, 784) and cap.images.shape == (8, 28, 28, 1)
+    assert cap.meta["calibration"] == "paper" and cap.meta["layer"] == "first"
+    assert cap.meta["model_options"] == {"hidden": [32]} and cap.meta["init_seed"] == 0
+
+    out_dir = tmp_path / "spe"
+    code, out, _ = _run(capsys, "attack", "spe", "--captures", str(caps), "--out", str(out_dir))
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["sigma2_source"] == "mechanism"
+    feats = np.load(out_dir / "features.npz")
+    assert feats["features"].shape == (8, 28, 28, 1) and feats["selected"].shape == (8, 32)
+    recon = np.load(out_dir / "reconstructions.npz")["images"]
+    assert recon.shape == (8, 28, 28, 1) and recon.min() >= 0 and recon.max() <= 1
+    metrics = json.load(open(out_dir / "metrics.json"))
+    assert len(metrics["metrics"]["psnr"]["values"]) == 8
+    assert metrics["metrics"]["ssim"]["mean"] > 0.5  # eps=10 paper noise is small: digits come back
+
+
+def test_attack_spe_on_head_reports_feature_cosine_with_estimated_sigma(tmp_path, capsys):
+    caps = tmp_path / "caps.npz"
+    assert _run(capsys, "capture", "--model", "lenet-venom", "--n", "4", "--calibration", "dpsgd",
+                "--noise-multiplier", "0.001", "--quiet", "--out", str(caps))[0] == 0
+    code, out, _ = _run(capsys, "attack", "spe", "--captures", str(caps), "--out", str(tmp_path / "o"),
+                        "--sigma2", "estimate")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["sigma2_source"] == "estimated"
+    assert summary["means"]["feature_cosine_raw"] > 0.9
+    assert not os.path.exists(tmp_path / "o" / "reconstructions.npz")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["attack", "spe", "--captures", "/nonexistent.npz", "--out", "/tmp/x"], "not found"),
+    (["capture", "--dataset", "no-such-dataset", "--out", "/tmp/x.npz"], "no-such-dataset"),
+    (["capture", "--model", "no-such-model", "--n", "2", "--out", "/tmp/x.npz"], "unknown victim"),
+    (["capture", "--calibration", "dpsgd", "--mechanism", "laplace", "--n", "2", "--out", "/tmp/x.npz"],
+     "Gaussian"),
+    (["attack", "spe", "--captures", "{garbage}", "--out", "/tmp/x"], "not a readable .npz"),
+])
+def test_bad_inputs_give_one_line_errors_and_exit_2(argv, needle, capsys, tmp_path):
+    if "{garbage}" in argv:
+        bad = tmp_path / "bad.npz"
+        bad.write_bytes(b"nope")
+        argv = [str(bad) if a == "{garbage}" else a for a in argv]
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jaxleak ") and needle in lines[0]
+    assert "Traceback" not in err
+
+
+def test_bad_argument_values_are_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["capture", "--n", "0", "--out", "x.npz"])
+    assert e.value.code == 2
+    assert "positive integer" in capsys.readouterr().err
+
+
+def test_bench_capture_prints_one_json_line(capsys):
+    code, out, _ = _run(capsys, "bench", "capture", "--model", "lenet-dlg", "--image-size", "8",
+                        "--batch", "4", "--repeats", "2", "--calibration", "dpsgd")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["examples_per_second"] > 0 and result["batch"] == 4 and result["calibration"] == "dpsgd"
+    assert result["device"]

@@ -1,0 +1,119 @@
+"""DP mechanisms: clipping, both calibrations, accounting."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxleak.privacy import (
+    DPConfig,
+    clip_by_global_norm,
+    dpsgd_epsilon,
+    dpsgd_noise_multiplier,
+    global_norm,
+    paper_noise_scale,
+    resolve,
+)
+from jaxleak.privacy.mechanisms import protect_update
+
+
+def _per_example(batch: int):
+    # optax's trick: example i is all i's, so every clipped norm and mean is known exactly.
+    return {
+        "head": {"kernel": jnp.stack([jnp.full((3, 2), float(i)) for i in range(batch)]),
+                 "bias": jnp.stack([jnp.full((2,), float(i)) for i in range(batch)])},
+        "conv": {"kernel": jnp.stack([jnp.full((4,), float(i)) for i in range(batch)])},
+    }
+
+
+def test_clip_bounds_norm_and_keeps_small_gradients_bit_identical():
+    big = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([12.0])}
+    clipped, norm = jax.jit(lambda t: clip_by_global_norm(t, 1.0))(big)
+    assert float(norm) == pytest.approx(13.0)
+    assert float(global_norm(clipped)) == pytest.approx(1.0, rel=1e-6)
+    np.testing.assert_allclose(clipped["a"], np.array([3.0, 4.0]) / 13.0, rtol=1e-6)
+    small = {"a": jnp.array([0.1, -0.2]), "b": jnp.array([0.3])}
+    kept, _ = jax.jit(lambda t: clip_by_global_norm(t, 1.0))(small)
+    for k in small:
+        assert np.array_equal(np.asarray(kept[k]), np.asarray(small[k]))
+
+
+def test_paper_noise_scale_formula():
+    s = 2 * 1e-3 * 1.0 / 1
+    assert paper_noise_scale(10.0, 1e-5) == pytest.approx(s * math.sqrt(2 * math.log(1.25e5)) / 10.0)
+    assert paper_noise_scale(5.0, 1e-5, mechanism="laplace", lr=0.01, clip=2.0, batch_size=4) == pytest.approx(
+        2 * 0.01 * 2.0 / 4 / 5.0)
+    r = resolve(DPConfig(calibration="paper", mechanism="laplace", epsilon=2.0))
+    assert r.noise_variance == pytest.approx(2 * r.noise_scale**2)
+
+
+def test_dpsgd_accounting_round_trip_and_given_multiplier_reports_its_epsilon():
+    z = dpsgd_noise_multiplier(3.0, 1e-5)
+    assert dpsgd_epsilon(z, 1e-5) == pytest.approx(3.0, rel=1e-2)
+    z_sub = dpsgd_noise_multiplier(3.0, 1e-5, sampling_rate=0.01, steps=100)
+    assert dpsgd_epsilon(z_sub, 1e-5, sampling_rate=0.01, steps=100) == pytest.approx(3.0, rel=1e-2)
+    r = resolve(DPConfig(calibration="dpsgd", epsilon=None, noise_multiplier=1.0), batch_size=2)
+    assert r.noise_multiplier == 1.0 and r.noise_std == pytest.approx(0.5)
+    assert r.epsilon == pytest.approx(dpsgd_epsilon(1.0, 1e-5))
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(calibration="bogus"),
+    dict(mechanism="cauchy"),
+    dict(calibration="dpsgd", mechanism="laplace"),
+    dict(epsilon=0.0),
+    dict(epsilon=-1.0),
+    dict(delta=1.5),
+    dict(clip=0.0),
+    dict(calibration="dpsgd", epsilon=None),
+    dict(accountant="moments"),
+])
+def test_dp_config_rejects_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        DPConfig(**kwargs)
+
+
+def test_protect_none_is_the_mean_gradient():
+    g = _per_example(4)
+    out = protect_update(g, jax.random.PRNGKey(0), calibration="none", mechanism="gaussian", clip=1.0,
+                         noise_scale=0.0)
+    np.testing.assert_allclose(out["head"]["kernel"], np.full((3, 2), 1.5))
+
+
+def test_protect_dpsgd_clips_each_example_then_divides_the_sum_by_b():
+    g = _per_example(4)  # example i has global norm i * sqrt(6 + 2 + 4) = i * sqrt(12)
+    out = protect_update(g, jax.random.PRNGKey(0), calibration="dpsgd", mechanism="gaussian", clip=1.0,
+                         noise_scale=0.0)
+    per_coord = sum(i * min(1.0, 1.0 / (i * math.sqrt(12))) if i else 0.0 for i in range(4)) / 4
+    np.testing.assert_allclose(out["head"]["kernel"], np.full((3, 2), per_coord), rtol=1e-6)
+    np.testing.assert_allclose(out["conv"]["kernel"], np.full((4,), per_coord), rtol=1e-6)
+
+
+def test_protect_paper_clips_each_layer_jointly():
+    g = _per_example(3)  # head layer of example i: norm i * sqrt(8); conv: i * 2
+    out = protect_update(g, jax.random.PRNGKey(0), calibration="paper", mechanism="gaussian", clip=1.0,
+                         noise_scale=0.0)
+    head = sum(i * min(1.0, 1.0 / (i * math.sqrt(8))) if i else 0.0 for i in range(3)) / 3
+    conv = sum(i * min(1.0, 1.0 / (i * 2.0)) if i else 0.0 for i in range(3)) / 3
+    np.testing.assert_allclose(out["head"]["bias"], np.full((2,), head), rtol=1e-6)
+    np.testing.assert_allclose(out["conv"]["kernel"], np.full((4,), conv), rtol=1e-6)
+
+
+@pytest.mark.parametrize("calibration,mechanism,batch", [
+    ("paper", "gaussian", 1), ("paper", "laplace", 1), ("dpsgd", "gaussian", 1), ("dpsgd", "gaussian", 4),
+])
+def test_noise_std_matches_the_formula(calibration, mechanism, batch):
+    config = DPConfig(calibration=calibration, mechanism=mechanism, epsilon=2.0)
+    r = resolve(config, batch_size=batch)
+    n = 200_000
+    zeros = {"w": jnp.zeros((batch, n))}
+    out = jax.jit(lambda k: protect_update(zeros, k, calibration=r.calibration, mechanism=r.mechanism,
+                                           clip=r.clip, noise_scale=r.noise_scale))(jax.random.PRNGKey(3))
+    sample = np.asarray(out["w"], np.float64)
+    # Standard error of a sample std is ~ sigma * sqrt((kurtosis - 1) / (4 n)); 6 of them is a safe bound.
+    kurt = 3.0 if mechanism == "gaussian" else 6.0
+    tol = 6 * r.noise_std * math.sqrt((kurt - 1) / (4 * n))
+    assert abs(sample.std() - r.noise_std) < tol
+    assert abs(sample.mean()) < 6 * r.noise_std / math.sqrt(n)
