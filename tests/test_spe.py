@@ -54,7 +54,9 @@ def _reference_refine(fmap, wavelet="db4", levels=2):
     for ch in range(fmap.shape[2]):
         coeffs = pywt.wavedec2(fmap[..., ch], wavelet, level=used)
         thr = np.median(np.abs(coeffs[-1][2])) / 0.6745 * np.sqrt(2 * np.log(h * w))
-        coeffs = [coeffs[0]] + [tuple(pywt.threshold(b, thr, "soft") for b in d) for d in coeffs[1:]]
+        coeffs = [coeffs[0]] + [
+            tuple(pywt.threshold(b, thr, "soft") for b in d) for d in coeffs[1:]
+        ]
         out[..., ch] = pywt.waverec2(coeffs, wavelet)[:h, :w]
     return out
 
@@ -85,7 +87,13 @@ def test_noise_free_gradient_gives_features_exactly(feature_shape, num_classes):
     rng = np.random.default_rng(num_classes)
     x = rng.uniform(-2, 2, math.prod(feature_shape)).astype(np.float32)
     gw, gb = _head_gradient(rng, num_classes, x, label=num_classes - 1)
-    out = spe(gw.astype(np.float32), gb.astype(np.float32), feature_shape=feature_shape, sigma2=0.0, config=RAW)
+    out = spe(
+        gw.astype(np.float32),
+        gb.astype(np.float32),
+        feature_shape=feature_shape,
+        sigma2=0.0,
+        config=RAW,
+    )
     np.testing.assert_allclose(out.features_raw, x, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(out.features, x.reshape(feature_shape), rtol=1e-6, atol=1e-6)
     assert bool(out.selected.any()) and not bool(out.sigma2_estimated)
@@ -194,14 +202,18 @@ def test_wavelet_refine_matches_pywavelets_per_channel():
     fmap = np.random.default_rng(7).standard_normal((20, 17, 3)).astype(np.float32)
     for levels in (1, 2):
         got = wavelet_refine(jnp.asarray(fmap), levels=levels)
-        np.testing.assert_allclose(got, _reference_refine(fmap.astype(np.float64), levels=levels), atol=1e-5)
+        np.testing.assert_allclose(
+            got, _reference_refine(fmap.astype(np.float64), levels=levels), atol=1e-5
+        )
     small = jnp.asarray(fmap[:6, :6])  # below the db4 filter: returned unchanged
     np.testing.assert_array_equal(wavelet_refine(small), small)
 
 
 def _smooth_map(h, w, c):
     yy, xx = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
-    return np.stack([np.sin(2 * np.pi * (k + 1) * xx) * np.cos(np.pi * yy) + k for k in range(c)], -1)
+    return np.stack(
+        [np.sin(2 * np.pi * (k + 1) * xx) * np.cos(np.pi * yy) + k for k in range(c)], -1
+    )
 
 
 def test_refinement_keeps_smooth_map_and_removes_noise():
@@ -248,7 +260,9 @@ def test_noise_strength_hand_example():
 def test_quantize_noise_strength():
     # 0.25 and 0.75 are exact in binary: 2.5 -> 2 and 7.5 -> 8 (round half to even).
     t = jnp.asarray([0.0, 0.8925, 0.25, 0.75, 0.2501, 3.14, 9.96, 10.0, 12.0, -0.5, jnp.inf])
-    np.testing.assert_array_equal(quantize_noise_strength(t), [0, 9, 2, 8, 3, 31, 100, 100, 100, 0, 100])
+    np.testing.assert_array_equal(
+        quantize_noise_strength(t), [0, 9, 2, 8, 3, 31, 100, 100, 100, 0, 100]
+    )
     assert quantize_noise_strength(t).dtype == jnp.int32
 
 
@@ -262,7 +276,8 @@ def test_noise_variance_estimator_recovers_sigma2(sigma):
     gw, gb = _head_gradient(rng, 10, x / np.linalg.norm(x), label=3)  # clipped-size signal
     noise_w, noise_b = rng.standard_normal(gw.shape), rng.standard_normal(gb.shape)
     est = estimate_noise_variance(
-        jnp.asarray(gw + sigma * noise_w, jnp.float32), jnp.asarray(gb + sigma * noise_b, jnp.float32)
+        jnp.asarray(gw + sigma * noise_w, jnp.float32),
+        jnp.asarray(gb + sigma * noise_b, jnp.float32),
     )
     assert float(est) == pytest.approx(sigma**2, rel=0.03)
 
@@ -274,9 +289,13 @@ def test_noise_variance_estimator_batch_rank():
     sigma = 0.05
     noisy_w = jnp.asarray(gw + sigma * rng.standard_normal(gw.shape), jnp.float32)
     noisy_b = jnp.asarray(gb + sigma * rng.standard_normal(10), jnp.float32)
-    assert float(estimate_noise_variance(noisy_w, noisy_b, rank=2)) == pytest.approx(sigma**2, rel=0.03)
+    assert float(estimate_noise_variance(noisy_w, noisy_b, rank=2)) == pytest.approx(
+        sigma**2, rel=0.03
+    )
     assert float(estimate_noise_variance(noisy_w, noisy_b, rank=1)) > 1.5 * sigma**2  # rank too low
-    assert float(estimate_noise_variance(jnp.asarray(gw, jnp.float32), jnp.asarray(gb), rank=2)) < 1e-9
+    assert (
+        float(estimate_noise_variance(jnp.asarray(gw, jnp.float32), jnp.asarray(gb), rank=2)) < 1e-9
+    )
 
 
 # ------------------------------------------------------------------ batching
@@ -299,7 +318,10 @@ def test_spe_batch_equals_spe_one_by_one(sigma2):
     assert batched.features.shape == (n, *shape) and batched.selected.shape == (n, 10)
     for i in range(n):
         s = sig[i] if sigma2 == "per-capture" else sigma2
-        _assert_results_close(jax.tree.map(lambda a: a[i], batched), spe(gw[i], gb[i], feature_shape=shape, sigma2=s))
+        _assert_results_close(
+            jax.tree.map(lambda a, i=i: a[i], batched),
+            spe(gw[i], gb[i], feature_shape=shape, sigma2=s),
+        )
     assert bool(np.all(batched.sigma2_estimated)) == (sigma2 is None)
 
     chunked = spe_batch(gw, gb, feature_shape=shape, sigma2=sig, chunk_size=2)  # 2 + 2 + padded 1
@@ -314,7 +336,9 @@ def test_spe_batch_compiles_once():
     gb = rng.standard_normal((7, 4)).astype(np.float32)
     for _ in range(2):
         spe_batch(gw, gb, feature_shape=shape, sigma2=0.1, config=config, chunk_size=3)
-        spe_batch(jnp.asarray(gw[:3]), gb[:3], feature_shape=shape, sigma2=[0.1, 0.2, 0.3], config=config)
+        spe_batch(
+            jnp.asarray(gw[:3]), gb[:3], feature_shape=shape, sigma2=[0.1, 0.2, 0.3], config=config
+        )
     assert _compiled(shape, config, False, True)._cache_size() == 1
 
 
@@ -324,12 +348,15 @@ def test_spe_is_jit_compatible():
     for sigma2 in (None, 0.0025):
         fn = jax.jit(lambda a, b, s=sigma2: spe(a, b, feature_shape=(16, 16, 2), sigma2=s))
         _assert_results_close(fn(gw, gb), spe(gw, gb, feature_shape=(16, 16, 2), sigma2=sigma2))
-    traced_sigma = jax.jit(lambda a, b, s: spe(a, b, feature_shape=(16, 16, 2), sigma2=s))(gw, gb, 0.0025)
+    traced_sigma = jax.jit(lambda a, b, s: spe(a, b, feature_shape=(16, 16, 2), sigma2=s))(
+        gw, gb, 0.0025
+    )
     _assert_results_close(traced_sigma, spe(gw, gb, feature_shape=(16, 16, 2), sigma2=0.0025))
 
 
 @pytest.mark.parametrize(
-    "feature_shape,refined", [((64, 64, 16), True), ((8, 8, 12), False), ((4, 4, 512), False), ((28, 28, 1), True)]
+    "feature_shape,refined",
+    [((64, 64, 16), True), ((8, 8, 12), False), ((4, 4, 512), False), ((28, 28, 1), True)],
 )
 def test_feature_map_shapes(feature_shape, refined):
     rng = np.random.default_rng(0)
@@ -372,3 +399,5 @@ def test_rejects_bad_inputs():
         SPEConfig(levels=0)
     with pytest.raises(ValueError, match="wavelet"):
         SPEConfig(wavelet="nope")
+    with pytest.raises(TypeError, match="SPEConfig"):
+        spe(gw, gb, feature_shape=(2, 2, 3), config={"refine": False})

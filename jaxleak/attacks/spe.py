@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxleak.attacks.wavelet import max_level, waverec2, wavedec2
+from jaxleak.attacks.wavelet import max_level, wavedec2, waverec2
 
 # Median absolute deviation of a standard normal: sigma = MAD / 0.6745.
 MAD_TO_SIGMA = 0.6745
@@ -84,7 +84,7 @@ class SPEConfig:
         if not (math.isfinite(self.gamma_t) and self.gamma_t >= 0):
             raise ValueError(f"gamma_t must be finite and >= 0, got {self.gamma_t}")
         if not isinstance(self.refine, bool):
-            raise ValueError(f"refine must be a bool, got {self.refine!r}")
+            raise TypeError(f"refine must be a bool, got {self.refine!r}")
         if not isinstance(self.noise_rank, int) or self.noise_rank < 1:
             raise ValueError(f"noise_rank must be an int >= 1, got {self.noise_rank!r}")
 
@@ -141,7 +141,9 @@ def class_energy(
     return jnp.linalg.norm(fc_weight_grad, axis=-1) * jnp.abs(fc_bias_grad)
 
 
-def select_classes(energy: Float[Array, " classes"]) -> tuple[Bool[Array, " classes"], Bool[Array, ""]]:
+def select_classes(
+    energy: Float[Array, " classes"],
+) -> tuple[Bool[Array, " classes"], Bool[Array, ""]]:
     """Reliable classes ``S = {j : E_j > mean(E) + gamma std(E)}`` (eq. 4).
 
     ``std`` is the population standard deviation (``ddof=0``). When no class
@@ -238,9 +240,9 @@ def estimate_noise_variance(
     gram = jnp.einsum("kd,jd->kj", gw, gw, precision=_HIGHEST) + jnp.outer(gb, gb)
     _, vecs = jnp.linalg.eigh(gram)  # ascending eigenvalues
     top = vecs[:, num_classes - rank :]
-    proj = jnp.eye(num_classes, dtype=gw.dtype) - top @ top.T
+    proj = jnp.eye(num_classes, dtype=gw.dtype) - jnp.matmul(top, top.T, precision=_HIGHEST)
     resid = jnp.sum(jnp.einsum("kj,jd->kd", proj, gw, precision=_HIGHEST) ** 2)
-    resid = resid + jnp.sum((proj @ gb) ** 2)
+    resid = resid + jnp.sum(jnp.matmul(proj, gb, precision=_HIGHEST) ** 2)
     return resid / ((num_classes - rank) * (dim + 1 - rank))
 
 
@@ -268,7 +270,9 @@ def _refine_channel(channel: Float[Array, "h w"], wavelet: str, levels: int) -> 
     sigma_hat = jnp.median(jnp.abs(coeffs[-1][2])) / MAD_TO_SIGMA
     # Universal threshold with N = pixels of this channel map.
     threshold = sigma_hat * math.sqrt(2.0 * math.log(height * width))
-    shrunk = [coeffs[0]] + [tuple(_soft_threshold(b, threshold) for b in bands) for bands in coeffs[1:]]
+    shrunk = [coeffs[0]] + [
+        tuple(_soft_threshold(b, threshold) for b in bands) for bands in coeffs[1:]
+    ]
     return waverec2(shrunk, wavelet)[:height, :width]
 
 
@@ -363,9 +367,13 @@ def _spe_single(
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(feature_shape: tuple[int, int, int], config: SPEConfig, estimate: bool, batched: bool):
+def _compiled(
+    feature_shape: tuple[int, int, int], config: SPEConfig, estimate: bool, batched: bool
+):
     """One jitted (and for batches vmapped) SPE per static setting, reused across calls."""
-    fn = functools.partial(_spe_single, feature_shape=feature_shape, config=config, estimate=estimate)
+    fn = functools.partial(
+        _spe_single, feature_shape=feature_shape, config=config, estimate=estimate
+    )
     return jax.jit(jax.vmap(fn) if batched else fn)
 
 
@@ -399,6 +407,7 @@ def spe(
       ValueError: on inconsistent shapes, ``d != H * W * C``, a negative or
         non-finite ``sigma2``, non-finite gradients, or too few classes to estimate
         ``sigma2``.
+      TypeError: if ``config`` is not an :class:`SPEConfig`.
     """
     feature_shape = _check_inputs(fc_weight_grad, fc_bias_grad, feature_shape, sigma2, config)
     gw, gb = _as_float(fc_weight_grad), _as_float(fc_bias_grad)
@@ -495,7 +504,11 @@ def _pad_rows(a, size: int):
 
 def _float_dtype(a) -> np.dtype:
     dtype = np.dtype(getattr(a, "dtype", np.float32))
-    if not np.issubdtype(dtype, np.floating) or dtype == np.float64 and not jax.config.jax_enable_x64:
+    if (
+        not np.issubdtype(dtype, np.floating)
+        or dtype == np.float64
+        and not jax.config.jax_enable_x64
+    ):
         return np.dtype(np.float32)
     return dtype
 
@@ -535,16 +548,20 @@ def _check_rank(rank: int, num_classes: int, dim: int) -> None:
         )
 
 
-def _check_inputs(fc_weight_grad, fc_bias_grad, feature_shape, sigma2, config) -> tuple[int, int, int]:
+def _check_inputs(
+    fc_weight_grad, fc_bias_grad, feature_shape, sigma2, config
+) -> tuple[int, int, int]:
     if not isinstance(config, SPEConfig):
-        raise ValueError(f"config must be an SPEConfig, got {type(config).__name__}")
+        raise TypeError(f"config must be an SPEConfig, got {type(config).__name__}")
     num_classes, dim = _check_head(fc_weight_grad, fc_bias_grad)
     try:
         feature_shape = tuple(int(s) for s in feature_shape)
     except TypeError:
         raise ValueError(f"feature_shape must be (H, W, C), got {feature_shape!r}") from None
     if len(feature_shape) != 3 or min(feature_shape) < 1:
-        raise ValueError(f"feature_shape must be three positive ints (H, W, C), got {feature_shape}")
+        raise ValueError(
+            f"feature_shape must be three positive ints (H, W, C), got {feature_shape}"
+        )
     if math.prod(feature_shape) != dim:
         raise ValueError(
             f"feature_shape {feature_shape} has {math.prod(feature_shape)} entries but the gradient has d = {dim}"

@@ -38,7 +38,7 @@ Coeffs2D = list  # [cA_n, (cH_n, cV_n, cD_n), ..., (cH_1, cV_1, cD_1)]
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _filters(wavelet: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(dec_lo, dec_hi, rec_lo, rec_hi) of a named PyWavelets wavelet, float64."""
     try:
@@ -84,7 +84,7 @@ def _symmetric_index(pos: np.ndarray, n: int) -> np.ndarray:
     return np.where(m >= n, 2 * n - 1 - m, m)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _analysis_index(n: int, length: int) -> np.ndarray:
     """Gather index (out, length) into the raw signal for one analysis level.
 
@@ -96,7 +96,7 @@ def _analysis_index(n: int, length: int) -> np.ndarray:
     return _symmetric_index(pos, n).astype(np.int32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _synthesis_index(m: int, length: int) -> np.ndarray:
     """Gather index (m - L/2 + 1, L/2) into the coefficients for one synthesis level.
 
@@ -234,7 +234,9 @@ def wavedec2(
     return [approx, *details[::-1]]
 
 
-def waverec2(coeffs: Coeffs2D, wavelet: str = "db4", mode: str = "symmetric") -> Float[Array, "*batch h w"]:
+def waverec2(
+    coeffs: Coeffs2D, wavelet: str = "db4", mode: str = "symmetric"
+) -> Float[Array, "*batch h w"]:
     """Multilevel inverse 2-D DWT, equal to ``pywt.waverec2``.
 
     Each intermediate approximation is cropped to the shape of the next detail
@@ -262,7 +264,9 @@ def waverec2(coeffs: Coeffs2D, wavelet: str = "db4", mode: str = "symmetric") ->
             raise ValueError("each detail entry must be a (cH, cV, cD) tuple")
         rows, cols = jnp.shape(bands[0])[-2:]
         if approx.shape[-2] < rows or approx.shape[-1] < cols:
-            raise ValueError(f"approximation {approx.shape} is smaller than detail {jnp.shape(bands[0])}")
+            raise ValueError(
+                f"approximation {approx.shape} is smaller than detail {jnp.shape(bands[0])}"
+            )
         approx = idwt2((approx[..., :rows, :cols], tuple(bands)), wavelet, mode)
     return approx
 

@@ -95,7 +95,11 @@ class Dataset:
         n = images.shape[0]
         if not isinstance(labels, np.ndarray) or labels.dtype != np.int32 or labels.shape != (n,):
             raise ValueError(f"labels must be an int32 array of shape ({n},)")
-        if not isinstance(indices, np.ndarray) or indices.shape != (n,):
+        if (
+            not isinstance(indices, np.ndarray)
+            or indices.dtype.kind not in "iu"
+            or indices.shape != (n,)
+        ):
             raise ValueError(f"indices must be an integer array of shape ({n},)")
         if len(self.class_names) != self.num_classes:
             raise ValueError(
@@ -103,8 +107,11 @@ class Dataset:
             )
         if n and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes})")
-        for array in (images, labels, indices):
-            array.setflags(write=False)
+        # Read-only views: the caller's arrays keep their own flags.
+        for field in ("images", "labels", "indices"):
+            view = getattr(self, field).view()
+            view.setflags(write=False)
+            object.__setattr__(self, field, view)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -221,7 +228,10 @@ def resolve_split(requested: str, available: Collection[str], *, dataset: str) -
         candidates += sorted(s for s in available if s.startswith("train"))[:1]
     for alias in candidates:
         if alias in available:
-            return alias, f"split '{alias}' used for requested '{requested}'; {dataset} has no '{requested}' split"
+            return (
+                alias,
+                f"split '{alias}' used for requested '{requested}'; {dataset} has no '{requested}' split",
+            )
     listed = ", ".join(repr(s) for s in sorted(available)) or "none"
     raise ValueError(f"{dataset} has no split {requested!r}; available splits: {listed}")
 

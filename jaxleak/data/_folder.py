@@ -16,7 +16,7 @@ import os
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Self
 
 import numpy as np
 
@@ -124,7 +124,7 @@ class _Uncompressed:
     _CHUNK = 1 << 20
 
     def __init__(self, path: Path) -> None:
-        self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._file = open(path, "rb")  # noqa: SIM115 - closed in __exit__
         gzipped = self._file.read(2) == b"\x1f\x8b"
         self._file.seek(0)
         self._inflate = zlib.decompressobj(wbits=31) if gzipped else None
@@ -132,7 +132,7 @@ class _Uncompressed:
         self._pos = 0
         self._base = 0  # stream offset of self._buf[0]
 
-    def __enter__(self) -> _Uncompressed:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -184,7 +184,9 @@ def _octal(field: bytes, *, where: str) -> int:
     try:
         return int(text, 8) if text else 0
     except ValueError as err:
-        raise DataFormatError(f"{where}: not a tar archive or corrupt (bad header field {text!r})") from err
+        raise DataFormatError(
+            f"{where}: not a tar archive or corrupt (bad header field {text!r})"
+        ) from err
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
@@ -194,7 +196,12 @@ def _pax_records(data: bytes) -> dict[str, str]:
         space = data.find(b" ", pos)
         if space < 0:
             break
-        length = int(data[pos:space])
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            length = 0
+        if length < 1:
+            raise DataFormatError("corrupt pax extended header in tar archive")
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
         records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
         pos += length
@@ -218,7 +225,9 @@ def _tar_members(stream: _Uncompressed, *, where: str) -> Iterator[tuple[str, in
             return
         checksum = _octal(header[148:156], where=where)
         if checksum != sum(header) - sum(header[148:156]) + 8 * 32:
-            raise DataFormatError(f"{where}: not a tar archive or corrupt (header checksum mismatch)")
+            raise DataFormatError(
+                f"{where}: not a tar archive or corrupt (header checksum mismatch)"
+            )
         size = _octal(header[124:136], where=where)
         kind = header[156:157]
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
@@ -235,7 +244,7 @@ def _tar_members(stream: _Uncompressed, *, where: str) -> Iterator[tuple[str, in
             else:
                 pax = _pax_records(payload)
             continue
-        if "size" in pax:
+        if pax.get("size", "").isdigit():
             size = int(pax["size"])
         name = pax.get("path", long_name or name)
         long_name, pax = None, {}

@@ -11,7 +11,6 @@ import os
 import re
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,9 +21,6 @@ from jaxleak.data._common import (
     resolve_split,
     stack_images,
 )
-
-if TYPE_CHECKING:
-    from jaxtyping import Shaped
 
 __all__ = ["find_idx_splits", "load_idx_folder", "read_idx"]
 
@@ -45,7 +41,7 @@ _IDX_NAME = re.compile(
 _PREFIX_SPLITS = {"t10k": "test"}
 
 
-def read_idx(path: str | os.PathLike[str]) -> Shaped[np.ndarray, "..."]:
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Reads one IDX file, plain or gzip-compressed (detected from its content).
 
     Args:

@@ -105,24 +105,30 @@ def _not_found(name: str, looked: list[str], *, known_to_tfds: bool) -> DatasetN
     if known:
         head = f"dataset {name!r} was not found locally."
         fixes = [
-            f"put an offline copy at <data_dir>/{name}.tar.gz or <data_dir>/{name}/ "
-            f"(layout <split>/<class>/<image>, or IDX files) and pass data_dir=... or set "
-            f"${DATA_DIR_ENV}",
+            (
+                f"put an offline copy at <data_dir>/{name}.tar.gz or <data_dir>/{name}/ "
+                f"(layout <split>/<class>/<image>, or IDX files) and pass data_dir=... or set "
+                f"${DATA_DIR_ENV}"
+            ),
         ]
         if known_to_tfds:
-            fixes.append("or pass download=True so tensorflow-datasets downloads it (needs internet)")
+            fixes.append(
+                "or pass download=True so tensorflow-datasets downloads it (needs internet)"
+            )
         fixes.append(f"or use {EMBEDDED_NAME!r}, which needs no files")
     else:
         close = difflib.get_close_matches(name, list(DATASETS), n=3)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         head = (
             f"unknown dataset {name!r}: not a known name, not a local copy, and "
-            f"tensorflow-datasets has no dataset of that name.{hint}"
+            f"tensorflow-datasets does not provide it.{hint}"
         )
         fixes = [
             f"known names: {', '.join(DATASETS)} (and any tensorflow-datasets name)",
-            "or pass a path to an image folder / .tar.gz (<split>/<class>/<image>) or a folder "
-            "of IDX files",
+            (
+                "or pass a path to an image folder / .tar.gz (<split>/<class>/<image>) or a "
+                "folder of IDX files"
+            ),
         ]
     fix_text = "".join(f"\n  - {line}" for line in fixes)
     return DatasetNotFoundError(f"{head}\nLooked at:{places}\nHow to fix:{fix_text}", looked)

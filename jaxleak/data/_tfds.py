@@ -243,8 +243,10 @@ def load_tfds(
             except tfds.core.registered.DatasetNotFoundError:
                 # Unregistered names can still be prepared copies in another data dir.
                 continue
-            except Exception as err:  # bad config/version strings surface as assorted errors
-                first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            except (ValueError, AssertionError) as err:  # malformed name, unknown config/version
+                first_line = (
+                    str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                )
                 return TfdsAttempt(None, (f"tfds: {name!r} rejected ({first_line})",), False)
             known = True
             if str(builder.data_dir) in seen:
@@ -257,7 +259,9 @@ def load_tfds(
         if not known:
             return TfdsAttempt(None, (f"tfds: no dataset named {name!r}",), False)
         if not download:
-            looked.append(f"tfds: download not attempted ({name} is a tfds dataset; pass download=True)")
+            looked.append(
+                f"tfds: download not attempted ({name} is a tfds dataset; pass download=True)"
+            )
             return TfdsAttempt(None, tuple(looked), True)
         builder = tfds.builder(name, data_dir=download_dir)
         _prepare(builder, name, looked)
