@@ -244,7 +244,8 @@ class _Built:
     hidden: tuple[int, ...] | None = None
 
 
-_Builder = Callable[[str, tuple[int, int, int], int, "int | None", Any], _Built]
+# (name, image_shape, num_classes, width, hidden) -> module and layer paths.
+_Builder = Callable[[str, tuple[int, int, int], int, int | None, Any], _Built]
 _HEAD_ONLY = {"head": ("head",)}
 
 
@@ -262,21 +263,27 @@ def _require_multiple(name: str, image_shape: tuple[int, int, int], factor: int)
         )
 
 
-def _build_lenet_dlg(name, image_shape, num_classes, width, hidden) -> _Built:
+def _build_lenet_dlg(
+    name: str, image_shape: tuple[int, int, int], num_classes: int, width: int | None, hidden: Any
+) -> _Built:
     _reject_option(name, "width", width)
     _reject_option(name, "hidden", hidden)
     _require_multiple(name, image_shape, 4)
     return _Built(module=LeNetDLG(num_classes=num_classes), paths=_HEAD_ONLY)
 
 
-def _build_lenet_venom(name, image_shape, num_classes, width, hidden) -> _Built:
+def _build_lenet_venom(
+    name: str, image_shape: tuple[int, int, int], num_classes: int, width: int | None, hidden: Any
+) -> _Built:
     _reject_option(name, "width", width)
     _reject_option(name, "hidden", hidden)
     _require_multiple(name, image_shape, 4)
     return _Built(module=LeNetVenom(num_classes=num_classes), paths=_HEAD_ONLY)
 
 
-def _build_convnet(name, image_shape, num_classes, width, hidden) -> _Built:
+def _build_convnet(
+    name: str, image_shape: tuple[int, int, int], num_classes: int, width: int | None, hidden: Any
+) -> _Built:
     _reject_option(name, "hidden", hidden)
     if min(image_shape[:2]) < 9:
         raise ValueError(
@@ -290,7 +297,13 @@ def _build_convnet(name, image_shape, num_classes, width, hidden) -> _Built:
 
 
 def _resnet_builder(stage_sizes: tuple[int, ...], default_width: int, spatial: bool) -> _Builder:
-    def build(name, image_shape, num_classes, width, hidden) -> _Built:
+    def build(
+        name: str,
+        image_shape: tuple[int, int, int],
+        num_classes: int,
+        width: int | None,
+        hidden: Any,
+    ) -> _Built:
         _reject_option(name, "hidden", hidden)
         _require_multiple(name, image_shape, 2 ** (len(stage_sizes) - 1))
         width = default_width if width is None else width
@@ -316,7 +329,9 @@ def _normalise_hidden(name: str, hidden: Any) -> tuple[int, ...]:
     return tuple(_positive_int(size, f"{name}: each hidden width") for size in sizes)
 
 
-def _build_mlp(name, image_shape, num_classes, width, hidden) -> _Built:
+def _build_mlp(
+    name: str, image_shape: tuple[int, int, int], num_classes: int, width: int | None, hidden: Any
+) -> _Built:
     if width is not None and hidden is not None:
         raise ValueError(f"{name}: give either width (one hidden layer) or hidden, not both")
     if hidden is None:

@@ -163,11 +163,14 @@ def train_victim(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, desc=f"train {victim.name}", unit="step")
-    for indices in order:
+    for i, indices in enumerate(order):
         state, loss = step(state, images, labels, jnp.asarray(indices))
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            if (
+                i % 10 == 0 or i == steps - 1
+            ):  # reading the loss waits for the device: not every step
+                bar.set_postfix(loss=f"{float(loss):.4f}")
     if bar is not None:
         bar.close()
 
@@ -243,6 +246,16 @@ def save_variables(
     Raises:
       ValueError: missing metadata keys, non-JSON metadata, no ``params``, or
         ``path`` exists (and is not a jaxleak checkpoint or ``overwrite`` is off).
+
+    >>> import tempfile, jax
+    >>> from jaxleak.models import get_victim
+    >>> victim = get_victim("mlp", image_shape=(4, 4, 1), num_classes=2, hidden=4)
+    >>> variables = victim.init(jax.random.key(0))
+    >>> path = save_variables(tempfile.mkdtemp() + "/ckpt", variables,
+    ...                       metadata={**victim.metadata(), "note": "untrained"})
+    >>> loaded, metadata = load_variables(path, victim)
+    >>> metadata["model"], metadata["options"], metadata["note"]
+    ('mlp', {'hidden': [4]}, 'untrained')
     """
     path = Path(path).absolute()
     missing = [key for key in _IDENTITY_KEYS if key not in metadata]
