@@ -98,3 +98,24 @@ def test_bench_capture_prints_one_json_line(capsys):
     result = json.loads(lines[0])
     assert result["examples_per_second"] > 0 and result["batch"] == 4 and result["calibration"] == "dpsgd"
     assert result["device"]
+
+
+def test_train_victim_then_capture_from_its_checkpoint(tmp_path, capsys):
+    ckpt = tmp_path / "victim"
+    code, out, _ = _run(capsys, "train-victim", "--model", "mlp", "--hidden", "16", "--n", "64",
+                        "--train-steps", "3", "--batch-size", "16", "--quiet", "--out", str(ckpt))
+    assert code == 0 and (ckpt / "metadata.json").exists()
+    caps = tmp_path / "caps.npz"
+    assert _run(capsys, "capture", "--model", "mlp", "--hidden", "16", "--checkpoint", str(ckpt), "--n", "2",
+                "--quiet", "--keep-params", "--out", str(caps))[0] == 0
+    cap = load_capture(caps)
+    assert cap.meta["checkpoint"] == str(ckpt) and cap.meta["init_seed"] is None
+    # the stored parameters are the trained ones, not a fresh initialisation
+    from jaxleak.models import get_victim, load_variables
+
+    victim = get_victim("mlp", image_shape=(28, 28, 1), num_classes=10, hidden=16)
+    trained, _ = load_variables(ckpt, victim)
+    np.testing.assert_array_equal(cap.params["params/head/kernel"], np.asarray(trained["params"]["head"]["kernel"]))
+    code, _, err = _run(capsys, "capture", "--model", "mlp", "--hidden", "32", "--checkpoint", str(ckpt),
+                        "--n", "2", "--quiet", "--out", str(caps))
+    assert code == 2 and "different model" in err
