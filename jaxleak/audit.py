@@ -76,7 +76,8 @@ def build_victim(model: str, *, dataset=None, image_shape=None, num_classes: int
 
 def capture(victim, variables, dataset, *, dp: DPConfig, batch_size: int = 1, seed: int = 0,
             layer: str = "head", chunk_size: int = 256, keep_update: bool = False,
-            keep_params: bool = False, extra_meta: dict | None = None, progress: bool = False) -> Capture:
+            keep_params: bool = False, extra_meta: dict | None = None, progress: bool = False,
+            conv_impl: str = "auto") -> Capture:
     """Captures the protected updates of clients holding ``dataset``'s images."""
     meta = {
         "dataset": dataset.name,
@@ -87,7 +88,8 @@ def capture(victim, variables, dataset, *, dp: DPConfig, batch_size: int = 1, se
     }
     return capture_updates(victim, variables, dataset.images, dataset.labels, dp=dp,
                            batch_size=batch_size, seed=seed, layer=layer, chunk_size=chunk_size,
-                           keep_update=keep_update, keep_params=keep_params, meta=meta, progress=progress)
+                           keep_update=keep_update, keep_params=keep_params, meta=meta, progress=progress,
+                           conv_impl=conv_impl)
 
 
 def victim_from_capture(cap: Capture):
@@ -226,12 +228,13 @@ def attack_spe(cap: Capture, *, out_dir: str, sigma2: str | float = "mechanism",
 
 def bench_capture(model: str, *, image_size: int = 32, channels: int = 3, num_classes: int = 10,
                   batch: int = 1024, repeats: int = 10, dp: DPConfig | None = None,
-                  width: int | None = None, hidden: Sequence[int] | None = None) -> dict[str, Any]:
+                  width: int | None = None, hidden: Sequence[int] | None = None,
+                  conv_impl: str = "auto") -> dict[str, Any]:
     """Throughput of capture for ``model`` (compile time excluded, median of ``repeats``)."""
     dp = dp or DPConfig(calibration="dpsgd", epsilon=10.0)
     victim, variables, _ = build_victim(model, image_shape=(image_size, image_size, channels),
                                         num_classes=num_classes, width=width, hidden=hidden)
-    result = time_capture(victim, variables, dp=dp, batch=batch, repeats=repeats)
+    result = time_capture(victim, variables, dp=dp, batch=batch, repeats=repeats, conv_impl=conv_impl)
     return {"benchmark": "capture", "model": model, "image_size": image_size, "channels": channels,
             "num_classes": num_classes, **result}
 

@@ -171,3 +171,20 @@ def test_non_finite_and_pickled_and_garbage_files_are_rejected(saved, tmp_path):
     with pytest.raises(FileNotFoundError):
         load_capture(tmp_path / "absent.npz")
     assert not os.path.exists(tmp_path / "absent.npz")
+
+
+def test_conv_impl_changes_speed_not_results(victim, variables, data):
+    from jaxleak.capture import capture_conv_impl
+
+    x, y = data
+    dp = DPConfig(calibration="dpsgd", epsilon=5.0)
+    a = capture_updates(victim, variables, x, y, dp=dp, seed=2, conv_impl="xla")
+    b = capture_updates(victim, variables, x, y, dp=dp, seed=2, conv_impl="patches")
+    np.testing.assert_allclose(a.fc_weight_grad, b.fc_weight_grad, rtol=1e-4, atol=1e-6)
+    expected = "xla" if jax.default_backend() == "cpu" else "patches"
+    assert capture_conv_impl(victim, "dpsgd") == expected
+    assert capture_conv_impl(victim, "paper") == "xla"
+    mlp = get_victim("mlp", image_shape=(8, 8, 1), num_classes=4, hidden=8)
+    assert capture_conv_impl(mlp, "dpsgd") == "xla"
+    with pytest.raises(ValueError, match="patches"):
+        capture_updates(mlp, mlp.init(jax.random.PRNGKey(0)), x, y, dp=dp, conv_impl="patches")

@@ -431,3 +431,38 @@ def test_load_resolves_partially_stored_options(tmp_path):
         load_variables(
             tmp_path / "b", get_victim("mlp", image_shape=(32, 32, 3), num_classes=K, hidden=8)
         )
+
+
+@pytest.mark.parametrize("name", ["lenet-dlg", "lenet-venom"])
+def test_patches_convolution_matches_xla_with_the_same_parameters(name):
+    import jax.numpy as jnp
+
+    from jaxleak.capture import per_example_grads
+
+    xla = get_victim(name, image_shape=(12, 12, 3), num_classes=5, conv_impl="xla")
+    patches = get_victim(name, image_shape=(12, 12, 3), num_classes=5, conv_impl="patches")
+    va, vb = xla.init(jax.random.PRNGKey(3)), patches.init(jax.random.PRNGKey(3))
+    for a, b in zip(jax.tree_util.tree_leaves(va), jax.tree_util.tree_leaves(vb)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    x = jnp.asarray(np.random.default_rng(1).random((3, 12, 12, 3), np.float32))
+    y = jnp.array([0, 2, 4])
+    np.testing.assert_allclose(patches.apply(va, x), xla.apply(va, x), rtol=1e-5, atol=1e-6)
+    ga, gb = per_example_grads(xla, va, x, y), per_example_grads(patches, va, x, y)
+    for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+    assert hash(xla) != hash(patches)
+
+
+def test_conv_impl_is_validated():
+    with pytest.raises(ValueError, match="conv_impl"):
+        get_victim("lenet-dlg", image_shape=(8, 8, 1), num_classes=3, conv_impl="cudnn")
+    with pytest.raises(ValueError, match="patches"):
+        get_victim("convnet", image_shape=(16, 16, 3), num_classes=3, conv_impl="patches")
+    lenet = get_victim("lenet-dlg", image_shape=(8, 8, 1), num_classes=3)
+    assert lenet.conv_impl == "xla" and lenet.with_conv_impl("xla") is lenet
+    swapped = lenet.with_conv_impl("patches")
+    assert swapped.conv_impl == "patches" and swapped.module.conv_impl == "patches"
+    convnet = get_victim("convnet", image_shape=(16, 16, 3), num_classes=3, width=4)
+    assert convnet.with_conv_impl("xla") is convnet
+    with pytest.raises(ValueError, match="patches"):
+        convnet.with_conv_impl("patches")

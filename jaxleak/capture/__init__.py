@@ -10,12 +10,19 @@ from jaxleak.capture.io import (
     unflatten_tree,
     validate_capture,
 )
-from jaxleak.capture.simulate import capture_updates, per_example_grads, quantize_images, time_capture
+from jaxleak.capture.simulate import (
+    capture_conv_impl,
+    capture_updates,
+    per_example_grads,
+    quantize_images,
+    time_capture,
+)
 
 __all__ = [
     "REQUIRED_META",
     "Capture",
     "CaptureFormatError",
+    "capture_conv_impl",
     "capture_updates",
     "flatten_tree",
     "load_capture",

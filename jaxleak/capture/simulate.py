@@ -72,6 +72,22 @@ def _compiled_chunk(victim, dp: ResolvedDP, layer_path: tuple[str, ...], keep_up
     return jax.jit(chunk)
 
 
+def capture_conv_impl(victim, calibration: str, *, keep_update: bool = False, conv_impl: str = "auto") -> str:
+    """Convolution implementation for a capture step (``"auto"`` decides by workload).
+
+    Per-example convolution *weight* gradients are only computed when they
+    matter: under ``dpsgd`` (whole-gradient clipping) or when the whole update
+    is kept. On GPUs those are 3-5x faster as im2col ``"patches"``, while the
+    forward-only work of the other cases is faster with XLA's convolution
+    (BENCHMARKS.md, H100). On CPU both measured alike, so ``"xla"``.
+    """
+    if conv_impl != "auto":
+        return conv_impl
+    if victim.conv_impl is None or jax.default_backend() == "cpu":
+        return "xla"
+    return "patches" if (calibration == "dpsgd" or keep_update) else "xla"
+
+
 def quantize_images(images: np.ndarray) -> np.ndarray:
     """float [0, 1] -> uint8, the pixels a capture file stores."""
     return np.clip(np.round(np.asarray(images, np.float32) * 255.0), 0, 255).astype(np.uint8)
@@ -92,6 +108,7 @@ def capture_updates(
     keep_params: bool = False,
     meta: dict[str, Any] | None = None,
     progress: bool = False,
+    conv_impl: str = "auto",
 ) -> Capture:
     """Simulates FedSGD clients under ``dp`` and returns what the attacker observes.
 
@@ -113,6 +130,8 @@ def capture_updates(
       keep_params: also return the victim's variables (``params/<path>``).
       meta: extra metadata (dataset, ...), merged into the capture's ``meta``.
       progress: show a progress bar.
+      conv_impl: ``"auto"`` (see :func:`capture_conv_impl`), ``"xla"`` or ``"patches"``;
+        only the speed changes.
 
     Returns:
       A :class:`Capture` with ``[N, K, d]`` weight and ``[N, K]`` bias gradients.
@@ -137,6 +156,8 @@ def capture_updates(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     resolved = resolve(dp, batch_size=batch_size)
+    victim = victim.with_conv_impl(
+        capture_conv_impl(victim, resolved.calibration, keep_update=keep_update, conv_impl=conv_impl))
     dense = victim.layers[layer]
     n_clients = images.shape[0] // batch_size
     images_u8 = quantize_images(images)
@@ -210,6 +231,7 @@ def time_capture(
     batch: int = 1024,
     repeats: int = 10,
     seed: int = 0,
+    conv_impl: str = "auto",
 ) -> dict[str, Any]:
     """Throughput of the compiled capture step on ``batch`` single-example clients.
 
@@ -217,6 +239,7 @@ def time_capture(
     of the steady-state wall time, with inputs already on the device.
     """
     resolved = resolve(dp, batch_size=1)
+    victim = victim.with_conv_impl(capture_conv_impl(victim, resolved.calibration, conv_impl=conv_impl))
     fn = _compiled_chunk(victim, resolved, tuple(victim.layers["head"].path), False)
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.random((batch, 1, *victim.image_shape), dtype=np.float32))
@@ -241,4 +264,5 @@ def time_capture(
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.default_backend(),
         "calibration": resolved.calibration,
+        "conv_impl": victim.conv_impl,
     }

@@ -74,3 +74,65 @@ def batch_norm(train: bool, name: str) -> nn.BatchNorm:
     return nn.BatchNorm(
         use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name
     )
+
+
+CONV_IMPLS = ("xla", "patches")
+
+
+class Conv(nn.Module):
+    """A 2-D convolution with torch-style padding ``k // 2`` and two interchangeable implementations.
+
+    Parameters are exactly ``nn.Conv``'s (``kernel`` ``[k, k, C_in, C_out]`` in HWIO,
+    then ``bias``, drawn in that order), so both implementations share variables
+    and checkpoints and initialise identically.
+
+    * ``"xla"``: ``lax.conv_general_dilated``, what ``nn.Conv`` runs.
+    * ``"patches"``: the ``k * k`` shifted, strided views of the padded input are
+      concatenated into patches (im2col) and multiplied with the flattened kernel.
+      Under ``vmap(grad)`` the per-example kernel gradient then is a batched matrix
+      product instead of a grouped convolution with one group per example, which
+      XLA lowers slowly on GPUs (5x faster per-example gradients for ``lenet-dlg``
+      on an H100, see BENCHMARKS.md). It costs ``k * k`` times the input's memory.
+
+    Attributes:
+      features: output channels.
+      kernel_size: square kernel side ``k``.
+      strides: stride in both spatial directions.
+      use_bias: add a bias.
+      kernel_init, bias_init: initialisers (``nn.Conv``'s defaults).
+      impl: ``"xla"`` or ``"patches"``.
+    """
+
+    features: int
+    kernel_size: int
+    strides: int = 1
+    use_bias: bool = True
+    kernel_init: nn.initializers.Initializer = nn.linear.default_kernel_init
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+    impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b h2 w2 f"]:
+        k, s = self.kernel_size, self.strides
+        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
+        pad = k // 2
+        if self.impl == "xla":
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (s, s), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        elif self.impl == "patches":
+            xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+            out_h = (x.shape[1] + 2 * pad - k) // s + 1
+            out_w = (x.shape[2] + 2 * pad - k) // s + 1
+            views = [
+                xp[:, i : i + s * (out_h - 1) + 1 : s, j : j + s * (out_w - 1) + 1 : s, :]
+                for i in range(k)
+                for j in range(k)
+            ]
+            # (kh, kw, C_in) order matches the row-major flattening of the HWIO kernel.
+            y = jnp.concatenate(views, axis=-1) @ kernel.reshape(-1, self.features)
+        else:
+            raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {self.impl!r}")
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,))
+        return y

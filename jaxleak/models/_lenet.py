@@ -5,7 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 from jaxtyping import Array, Float
 
-from jaxleak.models._common import dense_head, torch_padding, uniform_init
+from jaxleak.models._common import Conv, dense_head, uniform_init
 
 
 class LeNetDLG(nn.Module):
@@ -19,22 +19,19 @@ class LeNetDLG(nn.Module):
 
     Attributes:
       num_classes: number of logits K.
+      conv_impl: ``"xla"`` or ``"patches"`` (see :class:`Conv`; same parameters).
     """
 
     num_classes: int
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"], train: bool = False) -> Float[Array, "b k"]:
         del train  # no batch statistics
         init = uniform_init(-0.5, 0.5)
         for i, stride in enumerate((2, 2, 1)):
-            x = nn.Conv(
-                12,
-                (5, 5),
-                strides=stride,
-                padding=torch_padding(5),
-                kernel_init=init,
-                bias_init=init,
+            x = Conv(
+                12, 5, strides=stride, kernel_init=init, bias_init=init, impl=self.conv_impl,
                 name=f"conv{i}",
             )(x)
             x = nn.sigmoid(x)
@@ -50,15 +47,17 @@ class LeNetVenom(nn.Module):
 
     Attributes:
       num_classes: number of logits K.
+      conv_impl: ``"xla"`` or ``"patches"`` (see :class:`Conv`; same parameters).
     """
 
     num_classes: int
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"], train: bool = False) -> Float[Array, "b k"]:
         del train  # no batch statistics
         for i, channels in enumerate((6, 16)):
-            x = nn.Conv(channels, (5, 5), padding=torch_padding(5), name=f"conv{i}")(x)
+            x = Conv(channels, 5, impl=self.conv_impl, name=f"conv{i}")(x)
             x = nn.relu(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
         return dense_head(self, x, self.num_classes)

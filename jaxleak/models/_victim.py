@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, Float, Int, PyTree
 
-from jaxleak.models._common import INTERMEDIATES, input_name
+from jaxleak.models._common import CONV_IMPLS, INTERMEDIATES, input_name
 from jaxleak.models._convnet import ConvNet
 from jaxleak.models._lenet import LeNetDLG, LeNetVenom
 from jaxleak.models._mlp import MLP
@@ -82,6 +82,8 @@ class Victim:
       has_batch_stats: whether the variables hold a ``batch_stats`` collection.
       width: base width for the conv nets that have one (``None`` otherwise).
       hidden: hidden widths of the MLP (``None`` for the other models).
+      conv_impl: how the LeNets' convolutions run (``"xla"`` or ``"patches"``);
+        parameters are the same either way. ``None`` for the other models.
     """
 
     name: str
@@ -92,10 +94,11 @@ class Victim:
     has_batch_stats: bool = False
     width: int | None = None
     hidden: tuple[int, ...] | None = None
+    conv_impl: str | None = None
 
     def __hash__(self) -> int:
         # Every other field is determined by these; hashable so a Victim can be a jit static arg.
-        return hash((self.name, self.image_shape, self.num_classes, self.width, self.hidden))
+        return hash((self.name, self.image_shape, self.num_classes, self.width, self.hidden, self.conv_impl))
 
     def init(self, key: jax.Array) -> Variables:
         """Fresh variables: ``{"params": ...}`` plus ``"batch_stats"`` for BatchNorm models.
@@ -217,6 +220,26 @@ class Victim:
         fmap = state[INTERMEDIATES][input_name(layer)][-1]
         return fmap.reshape(fmap.shape[0], -1)
 
+    def with_conv_impl(self, conv_impl: str) -> Victim:
+        """The same victim (same variables) with its convolutions run by ``conv_impl``.
+
+        Args:
+          conv_impl: ``"xla"`` or ``"patches"``.
+
+        Returns:
+          ``self`` when nothing changes, else a victim with a cloned module.
+
+        Raises:
+          ValueError: ``"patches"`` for a model without that implementation.
+        """
+        if conv_impl not in CONV_IMPLS:
+            raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+        if conv_impl == self.conv_impl or (self.conv_impl is None and conv_impl == "xla"):
+            return self
+        if self.conv_impl is None:
+            raise ValueError(f"conv_impl='patches' is not implemented for {self.name}")
+        return dataclasses.replace(self, module=self.module.clone(conv_impl=conv_impl), conv_impl=conv_impl)
+
     def metadata(self) -> dict[str, Any]:
         """JSON-ready description that identifies this architecture (stored with checkpoints)."""
         options: dict[str, Any] = {}
@@ -242,6 +265,7 @@ class _Built:
     paths: dict[str, tuple[str, ...]]
     width: int | None = None
     hidden: tuple[int, ...] | None = None
+    conv_impl: str | None = None
 
 
 # (name, image_shape, num_classes, width, hidden) -> module and layer paths.
@@ -263,22 +287,28 @@ def _require_multiple(name: str, image_shape: tuple[int, int, int], factor: int)
         )
 
 
-def _build_lenet_dlg(
-    name: str, image_shape: tuple[int, int, int], num_classes: int, width: int | None, hidden: Any
-) -> _Built:
-    _reject_option(name, "width", width)
-    _reject_option(name, "hidden", hidden)
-    _require_multiple(name, image_shape, 4)
-    return _Built(module=LeNetDLG(num_classes=num_classes), paths=_HEAD_ONLY)
+def _lenet_builder(cls: type[nn.Module]) -> Callable[..., _Built]:
+    def build(
+        name: str,
+        image_shape: tuple[int, int, int],
+        num_classes: int,
+        width: int | None,
+        hidden: Any,
+        conv_impl: str = "xla",
+    ) -> _Built:
+        _reject_option(name, "width", width)
+        _reject_option(name, "hidden", hidden)
+        _require_multiple(name, image_shape, 4)
+        module = cls(num_classes=num_classes, conv_impl=conv_impl)
+        return _Built(module=module, paths=_HEAD_ONLY, conv_impl=conv_impl)
+
+    return build
 
 
-def _build_lenet_venom(
-    name: str, image_shape: tuple[int, int, int], num_classes: int, width: int | None, hidden: Any
-) -> _Built:
-    _reject_option(name, "width", width)
-    _reject_option(name, "hidden", hidden)
-    _require_multiple(name, image_shape, 4)
-    return _Built(module=LeNetVenom(num_classes=num_classes), paths=_HEAD_ONLY)
+_build_lenet_dlg = _lenet_builder(LeNetDLG)
+_build_lenet_venom = _lenet_builder(LeNetVenom)
+# Models whose convolutions can run as im2col patches (measured: BENCHMARKS.md).
+_CONV_IMPL_MODELS = ("lenet-dlg", "lenet-venom")
 
 
 def _build_convnet(
@@ -445,6 +475,7 @@ def get_victim(
     num_classes: int,
     width: int | None = None,
     hidden: int | Sequence[int] | None = None,
+    conv_impl: str = "xla",
 ) -> Victim:
     """Builds a victim model by name.
 
@@ -458,6 +489,10 @@ def get_victim(
         ResNet-18, 16 for ResNet-8); for ``mlp``, the width of a single hidden
         layer. Not accepted by the LeNets.
       hidden: ``mlp`` only: hidden width(s), an int or a sequence (default 256).
+      conv_impl: the LeNets' convolution implementation (:class:`Conv`): ``"xla"``
+        or ``"patches"`` (im2col; much faster per-example gradients on GPUs). Other
+        models accept ``"xla"`` only. Capture picks per workload, see
+        :meth:`Victim.with_conv_impl`.
 
     Returns:
       The :class:`Victim`, whose ``layers[...].feature_shape`` is computed from
@@ -477,7 +512,15 @@ def get_victim(
     num_classes = _positive_int(num_classes, "num_classes", minimum=2)
     if width is not None:
         width = _positive_int(width, "width")
-    built = _REGISTRY[name].build(name, shape, num_classes, width, hidden)
+    if conv_impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+    build = _REGISTRY[name].build
+    if name in _CONV_IMPL_MODELS:
+        built = build(name, shape, num_classes, width, hidden, conv_impl)
+    elif conv_impl == "patches":
+        raise ValueError(f"conv_impl='patches' is implemented for {', '.join(_CONV_IMPL_MODELS)} only")
+    else:
+        built = build(name, shape, num_classes, width, hidden)
     layers, has_batch_stats = _layers_from_shapes(name, built.module, shape, built.paths)
     return Victim(
         name=name,
@@ -488,4 +531,5 @@ def get_victim(
         has_batch_stats=has_batch_stats,
         width=built.width,
         hidden=built.hidden,
+        conv_impl=built.conv_impl,
     )
