@@ -67,7 +67,9 @@ class LeNetDLG(nn.Module):
         return self.fc(self.body(x).flatten(1))
 
 
-def build_model(*, channels: int = 3, image_size: int = 32, num_classes: int = 10, seed: int = 0) -> LeNetDLG:
+def build_model(
+    *, channels: int = 3, image_size: int = 32, num_classes: int = 10, seed: int = 0
+) -> LeNetDLG:
     """LeNetDLG with every weight and bias drawn from ``U(-0.5, 0.5)`` (DLG's ``weights_init``)."""
     model = LeNetDLG(channels=channels, image_size=image_size, num_classes=num_classes)
     gen = torch.Generator().manual_seed(seed)
@@ -95,7 +97,7 @@ def load_flax_params(model: LeNetDLG, params: Mapping[str, Mapping[str, np.ndarr
     k = kernel.shape[1]
     state["fc.weight"] = kernel.reshape(h, w, c, k).transpose(3, 2, 0, 1).reshape(k, c * h * w)
     state["fc.bias"] = np.asarray(params["head"]["bias"])
-    model.load_state_dict({name: torch.from_numpy(np.ascontiguousarray(v)) for name, v in state.items()})
+    model.load_state_dict({name: torch.tensor(np.asarray(v)) for name, v in state.items()})
 
 
 def head_grad_to_hwc(gw: torch.Tensor, feature_shape: tuple[int, int, int]) -> np.ndarray:
@@ -182,8 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (compile, allocator)")
     p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--noise-std", type=float, default=1.0,
-                   help="per-coordinate noise std (compare.py passes jaxleak's resolved value)")
+    p.add_argument(
+        "--noise-std",
+        type=float,
+        default=1.0,
+        help="per-coordinate noise std (compare.py passes jaxleak's resolved value)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true", help="wrap the step in torch.compile")
     p.add_argument("--seed", type=int, default=0)
@@ -193,29 +199,54 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    model = build_model(channels=args.channels, image_size=args.image_size,
-                        num_classes=args.num_classes, seed=args.seed).to(device)
-    step = make_capture_step(model, calibration=args.calibration, clip=args.clip, noise_std=args.noise_std)
+    model = build_model(
+        channels=args.channels,
+        image_size=args.image_size,
+        num_classes=args.num_classes,
+        seed=args.seed,
+    ).to(device)
+    step = make_capture_step(
+        model, calibration=args.calibration, clip=args.clip, noise_std=args.noise_std
+    )
     if args.compile:
         step = torch.compile(step)
     rng = np.random.default_rng(args.seed)
     images = torch.from_numpy(
-        rng.random((args.batch, args.channels, args.image_size, args.image_size), dtype=np.float32)).to(device)
+        rng.random((args.batch, args.channels, args.image_size, args.image_size), dtype=np.float32)
+    ).to(device)
     labels = torch.from_numpy(rng.integers(0, args.num_classes, args.batch)).to(device)
 
     times, warmup_s = time_step(step, images, labels, repeats=args.repeats, warmup=args.warmup)
     med = statistics.median(times)
-    print(json.dumps({
-        "benchmark": "capture", "framework": "torch.func", "model": "lenet-dlg",
-        "image_size": args.image_size, "channels": args.channels, "num_classes": args.num_classes,
-        "examples_per_second": args.batch / med, "median_seconds": med, "warmup_seconds": warmup_s,
-        "warmup": args.warmup, "repeats": args.repeats, "batch": args.batch,
-        "calibration": args.calibration, "clip": args.clip, "noise_std": args.noise_std,
-        "compile": args.compile, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch_version": torch.__version__, "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "capture",
+                "framework": "torch.func",
+                "model": "lenet-dlg",
+                "image_size": args.image_size,
+                "channels": args.channels,
+                "num_classes": args.num_classes,
+                "examples_per_second": args.batch / med,
+                "median_seconds": med,
+                "warmup_seconds": warmup_s,
+                "warmup": args.warmup,
+                "repeats": args.repeats,
+                "batch": args.batch,
+                "calibration": args.calibration,
+                "clip": args.clip,
+                "noise_std": args.noise_std,
+                "compile": args.compile,
+                "device": str(device),
+                "device_name": torch.cuda.get_device_name(device)
+                if device.type == "cuda"
+                else "cpu",
+                "torch_version": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "interop_threads": torch.get_num_interop_threads(),
+            }
+        )
+    )
     return 0
 
 
