@@ -173,15 +173,13 @@ def feature_metrics(features_raw: np.ndarray, features: np.ndarray, true: np.nda
 
 
 def attack_spe(cap: Capture, *, out_dir: str, sigma2: str | float = "mechanism", refine: bool = True,
-               wavelet: str = "db4", levels: int = 2, chunk_size: int | None = 512,
-               data_dir: str | None = None) -> dict[str, Any]:
+               wavelet: str = "db4", levels: int = 2, chunk_size: int | None = 512) -> dict[str, Any]:
     """Runs SPE on a capture and writes ``features.npz`` (+ ``reconstructions.npz``, ``metrics.json``).
 
     Returns a JSON-ready summary (what was written, metric means).
     """
     from jaxleak.report.summary import write_metrics_json
 
-    del data_dir
     os.makedirs(out_dir, exist_ok=True)
     res, source = run_spe(cap, sigma2=sigma2, refine=refine, wavelet=wavelet, levels=levels,
                           chunk_size=chunk_size)

@@ -167,7 +167,7 @@ def cmd_attack(args) -> int:
             raise CLIError(f"--sigma2 must be 'mechanism', 'estimate' or a number, got {sigma2!r}") from None
     summary = audit.attack_spe(
         cap, out_dir=args.out, sigma2=sigma2, refine=not args.no_refine, wavelet=args.wavelet,
-        levels=args.levels, chunk_size=args.chunk_size, data_dir=args.data_dir)
+        levels=args.levels, chunk_size=args.chunk_size)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -273,7 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wavelet", default="db4")
     p.add_argument("--levels", type=_positive_int, default=2)
     p.add_argument("--chunk-size", type=_positive_int, default=512)
-    p.add_argument("--data-dir", default=None, help="where the victim checkpoint/data live if needed")
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("bench", help="measure throughput (prints one JSON line)")
