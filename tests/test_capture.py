@@ -87,13 +87,13 @@ def test_client_batches(victim, variables, data):
 
 
 @pytest.mark.parametrize("bad", [
-    dict(n=5),  # not a multiple of batch_size 2
-    dict(layer="first"),
-    dict(labels=np.array([0, 1, 2, 3, 0, 9])),
+    {"n": 5},  # not a multiple of batch_size 2
+    {"layer": "first"},
+    {"labels": np.array([0, 1, 2, 3, 0, 9])},
 ])
 def test_capture_rejects_bad_arguments(victim, variables, data, bad):
     x, y = data
-    kw = dict(dp=DPConfig(calibration="none"), batch_size=2 if "n" in bad else 1, layer=bad.get("layer", "head"))
+    kw = {"dp": DPConfig(calibration="none"), "batch_size": 2 if "n" in bad else 1, "layer": bad.get("layer", "head")}
     xs = x[: bad.get("n", 6)]
     ys = bad.get("labels", y)[: bad.get("n", 6)]
     with pytest.raises(ValueError):
@@ -136,15 +136,15 @@ def _rewrite(path, out, **changes):
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(fc_weight_grad=None), "missing required key"),
-    (dict(fc_bias_grad=np.zeros((6, 3), np.float32)), "fc_bias_grad must be"),
-    (dict(fc_weight_grad=np.zeros((6, 4, 10), np.float32)), "feature_shape"),
-    (dict(labels=np.array([0, 1, 2, 3, 0, 7])), "labels must be in"),
-    (dict(labels=np.zeros(6, np.float32)), "labels must be integers"),
-    (dict(images=np.zeros((6, 8, 8, 1), np.float32)), "images must be uint8"),
-    (dict(images=np.zeros((6, 9, 8, 1), np.uint8)), "images must have shape"),
-    (dict(meta=np.array("{not json")), "not valid JSON"),
-    (dict(meta=np.array(json.dumps({"model": "x"}))), "missing field"),
+    ({"fc_weight_grad": None}, "missing required key"),
+    ({"fc_bias_grad": np.zeros((6, 3), np.float32)}, "fc_bias_grad must be"),
+    ({"fc_weight_grad": np.zeros((6, 4, 10), np.float32)}, "feature_shape"),
+    ({"labels": np.array([0, 1, 2, 3, 0, 7])}, "labels must be in"),
+    ({"labels": np.zeros(6, np.float32)}, "labels must be integers"),
+    ({"images": np.zeros((6, 8, 8, 1), np.float32)}, "images must be uint8"),
+    ({"images": np.zeros((6, 9, 8, 1), np.uint8)}, "images must have shape"),
+    ({"meta": np.array("{not json")}, "not valid JSON"),
+    ({"meta": np.array(json.dumps({"model": "x"}))}, "missing field"),
 ])
 def test_malformed_files_are_rejected_with_a_precise_message(saved, tmp_path, change, message):
     path, _ = saved

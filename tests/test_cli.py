@@ -44,7 +44,7 @@ def test_capture_then_attack_spe_on_mlp_first_layer(tmp_path, capsys):
     assert feats["features"].shape == (8, 28, 28, 1) and feats["selected"].shape == (8, 32)
     recon = np.load(out_dir / "reconstructions.npz")["images"]
     assert recon.shape == (8, 28, 28, 1) and recon.min() >= 0 and recon.max() <= 1
-    metrics = json.load(open(out_dir / "metrics.json"))
+    metrics = json.loads((out_dir / "metrics.json").read_text())
     assert len(metrics["metrics"]["psnr"]["values"]) == 8
     assert metrics["metrics"]["ssim"]["mean"] > 0.5  # eps=10 paper noise is small: digits come back
 
@@ -75,7 +75,7 @@ def test_bad_inputs_give_one_line_errors_and_exit_2(argv, needle, capsys, tmp_pa
         bad = tmp_path / "bad.npz"
         bad.write_bytes(b"nope")
         argv = [str(bad) if a == "{garbage}" else a for a in argv]
-    code, out, err = _run(capsys, *argv)
+    code, _out, err = _run(capsys, *argv)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("jaxleak ") and needle in lines[0]
@@ -102,7 +102,7 @@ def test_bench_capture_prints_one_json_line(capsys):
 
 def test_train_victim_then_capture_from_its_checkpoint(tmp_path, capsys):
     ckpt = tmp_path / "victim"
-    code, out, _ = _run(capsys, "train-victim", "--model", "mlp", "--hidden", "16", "--n", "64",
+    code, _out, _ = _run(capsys, "train-victim", "--model", "mlp", "--hidden", "16", "--n", "64",
                         "--train-steps", "3", "--batch-size", "16", "--quiet", "--out", str(ckpt))
     assert code == 0 and (ckpt / "metadata.json").exists()
     caps = tmp_path / "caps.npz"

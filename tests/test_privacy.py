@@ -36,8 +36,8 @@ def test_clip_bounds_norm_and_keeps_small_gradients_bit_identical():
     np.testing.assert_allclose(clipped["a"], np.array([3.0, 4.0]) / 13.0, rtol=1e-6)
     small = {"a": jnp.array([0.1, -0.2]), "b": jnp.array([0.3])}
     kept, _ = jax.jit(lambda t: clip_by_global_norm(t, 1.0))(small)
-    for k in small:
-        assert np.array_equal(np.asarray(kept[k]), np.asarray(small[k]))
+    for k, value in small.items():
+        assert np.array_equal(np.asarray(kept[k]), np.asarray(value))
 
 
 def test_paper_noise_scale_formula():
@@ -60,15 +60,15 @@ def test_dpsgd_accounting_round_trip_and_given_multiplier_reports_its_epsilon():
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(calibration="bogus"),
-    dict(mechanism="cauchy"),
-    dict(calibration="dpsgd", mechanism="laplace"),
-    dict(epsilon=0.0),
-    dict(epsilon=-1.0),
-    dict(delta=1.5),
-    dict(clip=0.0),
-    dict(calibration="dpsgd", epsilon=None),
-    dict(accountant="moments"),
+    {"calibration": "bogus"},
+    {"mechanism": "cauchy"},
+    {"calibration": "dpsgd", "mechanism": "laplace"},
+    {"epsilon": 0.0},
+    {"epsilon": -1.0},
+    {"delta": 1.5},
+    {"clip": 0.0},
+    {"calibration": "dpsgd", "epsilon": None},
+    {"accountant": "moments"},
 ])
 def test_dp_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):

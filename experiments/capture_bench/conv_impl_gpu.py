@@ -3,7 +3,15 @@ XLA convolutions vs im2col patches, on whatever JAX backend is present. Standalo
 
 Run: python experiments/capture_bench/conv_impl_gpu.py   (results: BENCHMARKS.md, H100 section)
 """
-import time, jax, jax.numpy as jnp, numpy as np, flax.linen as nn, optax
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
 def bench(f, *a, r=10):
     jax.block_until_ready(f(*a)); ts=[]
     for _ in range(r):

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree
+from jaxtyping import PRNGKeyArray, PyTree
 
 from jaxleak.privacy.accounting import ACCOUNTANTS, dpsgd_epsilon, dpsgd_noise_multiplier
 from jaxleak.privacy.clipping import clip_by_global_norm
@@ -229,7 +229,7 @@ def protect_update(
     if calibration == "none":
         return jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), per_example_grads)
     if calibration == "paper":
-        clip_one = lambda layer: clip_by_global_norm(layer, clip)[0]  # noqa: E731
+        clip_one = lambda layer: clip_by_global_norm(layer, clip)[0]
         clipped = jax.vmap(lambda g: _map_layers(clip_one, g))(per_example_grads)
         mean = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), clipped)
         noise = _noise_like(key, mean, noise_scale, mechanism)
