@@ -46,6 +46,7 @@ def test_public_api() -> None:
         "SSIM_WIN_SIZE",
         "asr",
         "cosine_similarity",
+        "lpips",
         "mse",
         "psnr",
         "ssim",
