@@ -9,7 +9,7 @@ import jaxleak
 def test_every_exported_name_resolves():
     for name in jaxleak.__all__:
         assert getattr(jaxleak, name) is not None, name
-    for mod in ("attacks", "capture", "data", "models", "privacy", "metrics", "report"):
+    for mod in ("attacks", "attacks.venom", "capture", "data", "models", "privacy", "metrics", "report"):
         module = __import__(f"jaxleak.{mod}", fromlist=["__all__"])
         for name in module.__all__:
             assert hasattr(module, name), f"jaxleak.{mod}.{name}"

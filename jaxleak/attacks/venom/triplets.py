@@ -76,8 +76,15 @@ class TripletConfig:
         if self.calibration == "none":
             return [DPConfig(calibration="none")]
         return [
-            DPConfig(calibration=self.calibration, mechanism=self.mechanism, epsilon=float(e),
-                     delta=self.delta, clip=self.clip, lr=self.lr, accountant=self.accountant)
+            DPConfig(
+                calibration=self.calibration,
+                mechanism=self.mechanism,
+                epsilon=float(e),
+                delta=self.delta,
+                clip=self.clip,
+                lr=self.lr,
+                accountant=self.accountant,
+            )
             for e in self.epsilons
         ]
 
@@ -108,15 +115,27 @@ def _one_triplet(
     i = jax.random.randint(k_eps, (), 0, scales.shape[0])
     grads = per_example_grads(victim, variables, image[None], label[None])
     mechanism = config.mechanism if config.calibration == "paper" else "gaussian"
-    update = protect_update(grads, k_noise, calibration=config.calibration, mechanism=mechanism,
-                            clip=config.clip, noise_scale=scales[i])
+    update = protect_update(
+        grads,
+        k_noise,
+        calibration=config.calibration,
+        mechanism=mechanism,
+        clip=config.clip,
+        noise_scale=scales[i],
+    )
     dense = victim.layers[config.layer].select(update)
     estimate = config.sigma2 == "estimate"
-    res = _spe_single(dense["kernel"].T, dense["bias"], variances[i],
-                      feature_shape=victim.layers[config.layer].feature_shape, config=spe_config,
-                      estimate=estimate)
-    return Triplets(features=res.features, noise_strength=res.noise_strength, images=image,
-                    epsilon=epsilons[i])
+    res = _spe_single(
+        dense["kernel"].T,
+        dense["bias"],
+        variances[i],
+        feature_shape=victim.layers[config.layer].feature_shape,
+        config=spe_config,
+        estimate=estimate,
+    )
+    return Triplets(
+        features=res.features, noise_strength=res.noise_strength, images=image, epsilon=epsilons[i]
+    )
 
 
 @functools.lru_cache(maxsize=16)
