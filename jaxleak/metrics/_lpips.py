@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxleak.metrics._image import _check_pair
 from jaxleak.metrics._torch_weights import load_state_dict
 
 if TYPE_CHECKING:  # jaxtyping is a test-time dependency only
@@ -411,24 +412,6 @@ def _check_net(net: str) -> None:
         raise ValueError(f"net must be one of {NETS}, got {net!r}.")
 
 
-def _as_batch(name: str, value: ArrayLike) -> Float[Array, "n h w c"]:
-    dtype = getattr(value, "dtype", None)
-    if dtype is None:
-        value = np.asarray(value)
-        dtype = value.dtype
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(
-            f"{name} must hold floating-point images in [0, 1], got dtype {dtype} "
-            "(convert integer images with x / 255 first)."
-        )
-    if jnp.ndim(value) != 4 or jnp.shape(value)[-1] not in (1, 3) or jnp.shape(value)[0] == 0:
-        raise ValueError(
-            f"{name} must be a non-empty batch of RGB or grayscale images [N, H, W, 3 or 1], "
-            f"got shape {jnp.shape(value)}."
-        )
-    return jnp.asarray(value, dtype=jnp.float32)
-
-
 def lpips(
     x: Float[ArrayLike, "n h w c"],
     y: Float[ArrayLike, "n h w c"],
@@ -473,10 +456,12 @@ def lpips(
     [0.0, 0.0]
     """
     _check_net(net)
-    x = _as_batch("x", x)
-    y = _as_batch("y", y)
-    if x.shape != y.shape:
-        raise ValueError(f"x and y must have the same shape, got {x.shape} and {y.shape}.")
+    x, y = _check_pair(x, y)
+    if x.shape[0] == 0 or x.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"x and y must be non-empty batches of RGB or grayscale images [N, H, W, 3 or 1], "
+            f"got shape {x.shape}."
+        )
     if resize is not None:
         if isinstance(resize, bool) or not isinstance(resize, (int, np.integer)) or resize < 1:
             raise ValueError(f"resize must be None or a positive int, got {resize!r}.")
