@@ -253,8 +253,212 @@ def train_and_save_victim(model: str, dataset, *, out: str, width=None, hidden=N
     return os.path.abspath(out)
 
 
+def train_recovery(variant: str, aux, *, model: str, out: str, width: int | None = None,
+                   hidden: Sequence[int] | None = None, victim_checkpoint: str | None = None,
+                   init_seed: int = 0, calibration: str = "paper", mechanism: str = "gaussian",
+                   epsilons: Sequence[float] = (1.0, 5.0, 10.0), delta: float = 1e-5, clip: float = 1.0,
+                   dp_lr: float = 1e-3, accountant: str = "rdp", sigma2: str = "mechanism",
+                   layer: str = "head", network: dict[str, Any] | None = None,
+                   train: dict[str, Any] | None = None, eval_data=None, resume: bool = False,
+                   progress: bool = True) -> dict[str, Any]:
+    """Trains a Venom recovery network on the auxiliary dataset ``aux`` into ``out``.
+
+    Args:
+      variant: ``"venom"``, ``"venom-diff"`` or ``"fgla"``.
+      aux: the attacker's auxiliary :class:`jaxleak.data.Dataset` (must be
+        disjoint from the images later attacked: another split or dataset).
+      model, width, hidden, victim_checkpoint, init_seed: the victim (as for
+        :func:`build_victim`); captures attacked later must come from the same one.
+      calibration, mechanism, epsilons, delta, clip, dp_lr, accountant, sigma2,
+        layer: the protection the training triplets simulate
+        (:class:`jaxleak.attacks.venom.TripletConfig`).
+      network: extra :class:`RecoveryNetConfig` fields (base_width, multipliers, ...).
+      train: extra :class:`TrainConfig` fields (steps, batch_size, ...).
+      eval_data: held-out dataset; default: the last ``eval_size`` aux images.
+      resume: continue the run in ``out``.
+      progress: tqdm bar.
+
+    Returns:
+      A JSON-ready summary (checkpoint path, steps, final loss, last eval PSNR/SSIM).
+    """
+    from jaxleak.attacks.spe import SPEConfig
+    from jaxleak.attacks.venom import RecoveryNetConfig, TripletConfig
+    from jaxleak.attacks.venom.train import TrainConfig, train_recovery_net
+
+    victim, variables, vmeta = build_victim(model, dataset=aux, width=width, hidden=hidden,
+                                            checkpoint=victim_checkpoint, init_seed=init_seed)
+    if layer not in victim.layers:
+        raise ValueError(f"victim {model} has no layer {layer!r}; available: {sorted(victim.layers)}")
+    net_config = RecoveryNetConfig(image_shape=tuple(victim.image_shape),
+                                   feature_shape=tuple(victim.layers[layer].feature_shape),
+                                   variant=variant, **(network or {}))
+    train_config = TrainConfig(variant=variant, **(train or {}))
+    triplet_config = TripletConfig(calibration=calibration, mechanism=mechanism,
+                                   epsilons=tuple(float(e) for e in epsilons), delta=delta, clip=clip,
+                                   lr=dp_lr, accountant=accountant, sigma2=sigma2, layer=layer)
+    info = {
+        "victim": {**victim.metadata(), "init_seed": vmeta.get("init_seed"),
+                   "checkpoint": vmeta.get("checkpoint"), "layer": layer,
+                   "feature_shape": list(victim.layers[layer].feature_shape)},
+        "aux_dataset": {"name": aux.name, "split": aux.split, "source": aux.source, "n": len(aux.images)},
+    }
+    eval_images = eval_labels = None
+    if eval_data is not None:
+        eval_images, eval_labels = eval_data.images, eval_data.labels
+        info["eval_dataset"] = {"name": eval_data.name, "split": eval_data.split, "source": eval_data.source}
+    result = train_recovery_net(net_config, victim, variables, aux.images, aux.labels, config=train_config,
+                                triplet_config=triplet_config, spe_config=SPEConfig(), eval_images=eval_images,
+                                eval_labels=eval_labels, out_dir=out, resume=resume, info=info,
+                                progress=progress)
+    h = result.history
+    return {"checkpoint": os.path.abspath(out), "variant": variant, "step": result.step,
+            "final_loss": h["loss"][-1] if h["loss"] else None,
+            "eval_psnr": h["eval_psnr"][-1] if h["eval_psnr"] else None,
+            "eval_ssim": h["eval_ssim"][-1] if h["eval_ssim"] else None,
+            "aux_dataset": info["aux_dataset"]}
+
+
+def _check_capture_fits(cap: Capture, info: dict[str, Any], path: str) -> list[str]:
+    """Errors (refusals) for a capture the checkpoint cannot attack; returns notes for softer mismatches."""
+    victim = info.get("victim", {})
+    meta = cap.meta
+    num_classes = meta.get("num_classes", cap.fc_bias_grad.shape[1])
+    pairs = [
+        ("model", victim.get("model"), meta.get("model")),
+        ("image_shape", list(victim.get("image_shape", [])), list(cap.image_shape)),
+        ("num_classes", victim.get("num_classes"), int(num_classes)),
+        ("feature_shape", list(victim.get("feature_shape", [])), list(cap.feature_shape)),
+        ("layer", victim.get("layer"), meta.get("layer", "head")),
+    ]
+    try:  # the capture's options may be partial; rebuilding gives the canonical form stored in checkpoints
+        cap_opts = make_victim(meta["model"], image_shape=cap.image_shape, num_classes=num_classes,
+                               options=meta.get("model_options")).metadata()["options"]
+    except (ValueError, KeyError, TypeError):
+        cap_opts = meta.get("model_options")
+    pairs.append(("model options", victim.get("options"), _json_ready(cap_opts)))
+    diffs = [f"{name}: checkpoint {a!r}, capture {b!r}" for name, a, b in pairs if a != b]
+    if diffs:
+        raise ValueError(f"checkpoint {path} was trained for another victim than the capture's: "
+                         + "; ".join(diffs))
+    notes = []
+    if victim.get("checkpoint") != meta.get("checkpoint") or victim.get("init_seed") != meta.get("init_seed"):
+        notes.append(f"the capture's victim weights (checkpoint={meta.get('checkpoint')}, "
+                     f"init_seed={meta.get('init_seed')}) differ from those the network was trained on "
+                     f"(checkpoint={victim.get('checkpoint')}, init_seed={victim.get('init_seed')})")
+    return notes
+
+
+def _json_ready(value):
+    """``value`` after a JSON round trip (tuples become lists)."""
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+def attack_venom(cap: Capture, *, checkpoint: str, out_dir: str, variant: str | None = None,
+                 sigma2: str | float = "mechanism", batch_size: int = 256, chunk_size: int | None = 512,
+                 lpips_net: str = "alex", weights_dir: str | None = None) -> dict[str, Any]:
+    """SPE + a trained recovery network on a capture; writes ``reconstructions.npz`` and ``metrics.json``.
+
+    Args:
+      cap: the captures (one image per client).
+      checkpoint: directory written by :func:`train_recovery`.
+      out_dir: output folder.
+      variant: when given, the checkpoint's variant must be this one.
+      sigma2: SPE's noise variance, as for :func:`run_spe`.
+      batch_size: captures per compiled network call.
+      chunk_size: captures per compiled SPE call.
+      lpips_net, weights_dir: LPIPS backbone and weights root (see :func:`jaxleak.metrics.lpips`).
+
+    Returns:
+      A JSON-ready summary (what was written, metric means).
+
+    Raises:
+      ValueError: the checkpoint was trained for another victim, layer or image
+        shape than the capture's, or for another variant than ``variant``.
+    """
+    from jaxleak.attacks.spe import SPEConfig, spe_batch
+    from jaxleak.attacks.venom.infer import recover_images
+    from jaxleak.attacks.venom.train import load_recovery_net, read_checkpoint_info
+    from jaxleak.report.summary import write_metrics_json
+
+    info = read_checkpoint_info(checkpoint)
+    trained = info["network"]["variant"]
+    if variant is not None and variant != trained:
+        raise ValueError(f"checkpoint {checkpoint} holds a {trained!r} network, not {variant!r}")
+    notes = _check_capture_fits(cap, info, checkpoint)
+    batch = int(cap.meta.get("batch_size", 1))
+    if batch > 1:
+        notes.append(f"client batches of B={batch}: SPE recovers a mixture; the network was trained on B=1")
+    model, params, info = load_recovery_net(checkpoint)
+    s2, source = resolve_sigma2(cap, sigma2)
+    spe_fields = {k: v for k, v in info.get("spe", {}).items() if k != "noise_rank"}
+    spe_config = SPEConfig(**spe_fields, noise_rank=batch)
+    res = spe_batch(cap.fc_weight_grad, cap.fc_bias_grad, feature_shape=cap.feature_shape, sigma2=s2,
+                    config=spe_config, chunk_size=chunk_size)
+    features = np.asarray(res.features).reshape(cap.n, *cap.feature_shape)
+    noise_strength = np.asarray(res.noise_strength)
+    recon = recover_images(model, params, features, noise_strength, batch_size=batch_size)
+    os.makedirs(out_dir, exist_ok=True)
+    np.savez(os.path.join(out_dir, "reconstructions.npz"), images=recon.astype(np.float32))
+    written = ["reconstructions.npz"]
+    metrics: dict[str, np.ndarray] = {}
+    if cap.images is not None and batch == 1:
+        truth = cap.images_float()
+        metrics.update(image_metrics(recon, truth))
+        if min(recon.shape[1:3]) >= 31:
+            from jaxleak.metrics import lpips
+
+            try:
+                metrics[f"lpips_{lpips_net}"] = np.asarray(lpips(recon, truth, net=lpips_net,
+                                                                 weights_dir=weights_dir))
+            except FileNotFoundError as error:
+                notes.append(f"lpips not computed: {str(error).splitlines()[0]}")
+        else:
+            notes.append(f"lpips not computed: {recon.shape[1]}x{recon.shape[2]} images are below the "
+                         f"31 px the AlexNet backbone needs")
+    elif cap.images is None:
+        notes.append("the capture holds no true images: no image metrics")
+    metrics["noise_strength"] = noise_strength
+    extra = {
+        "attack": trained,
+        "checkpoint": os.path.abspath(checkpoint),
+        "checkpoint_step": info["step"],
+        "trained_on": info.get("aux_dataset"),
+        "trained_for": {"triplets": info.get("triplets"), "victim": info.get("victim")},
+        "captures": cap.meta,
+        "sigma2_source": source,
+        "calibration": cap.meta.get("calibration"),
+        "epsilon": cap.meta.get("epsilon"),
+    }
+    aux = info.get("aux_dataset") or {}
+    if (aux.get("name"), aux.get("split")) == (cap.meta.get("dataset"), cap.meta.get("dataset_split")):
+        notes.append("the network was trained on the same dataset split the captures come from: "
+                     "auxiliary and attacked images may overlap")
+    if notes:
+        extra["note"] = "; ".join(notes)
+    write_metrics_json(os.path.join(out_dir, "metrics.json"), metrics, extra=extra)
+    written.append("metrics.json")
+    means = {k: float(np.nanmean(np.where(np.isinf(v), np.nan, v))) for k, v in metrics.items()}
+    return {"out": out_dir, "written": written, "n": cap.n, "attack": trained, "sigma2_source": source,
+            "trained_on": info.get("aux_dataset"), "means": means}
+
+
 __all__ = [
-    "attack_spe", "bench_capture", "build_victim", "capture", "feature_metrics", "image_metrics",
-    "layer_inputs", "load_data", "make_victim", "recovers_image", "resolve_sigma2", "run_spe",
-    "train_and_save_victim", "victim_from_capture",
+    "attack_spe",
+    "attack_venom",
+    "bench_capture",
+    "build_victim",
+    "capture",
+    "feature_metrics",
+    "image_metrics",
+    "layer_inputs",
+    "load_data",
+    "make_victim",
+    "recovers_image",
+    "resolve_sigma2",
+    "run_spe",
+    "train_and_save_victim",
+    "train_recovery",
+    "victim_from_capture",
 ]

@@ -156,8 +156,10 @@ def cmd_attack(args) -> int:
     from jaxleak import audit
     from jaxleak.capture import load_capture
 
-    if args.attack != "spe":
-        raise CLIError(f"attack {args.attack!r} is not available yet; available: spe")
+    if args.attack == "spe" and args.checkpoint:
+        raise CLIError("attack spe takes no --checkpoint (it has no trained network)")
+    if args.attack != "spe" and not args.checkpoint:
+        raise CLIError(f"attack {args.attack} needs --checkpoint (a folder written by `jaxleak train`)")
     cap = load_capture(args.captures)
     sigma2 = args.sigma2
     if sigma2 not in ("mechanism", "estimate"):
@@ -165,9 +167,48 @@ def cmd_attack(args) -> int:
             sigma2 = float(sigma2)
         except ValueError:
             raise CLIError(f"--sigma2 must be 'mechanism', 'estimate' or a number, got {sigma2!r}") from None
+    if args.attack != "spe":
+        summary = audit.attack_venom(
+            cap, checkpoint=args.checkpoint, out_dir=args.out, variant=args.attack, sigma2=sigma2,
+            batch_size=args.batch_size, chunk_size=args.chunk_size, lpips_net=args.lpips_net,
+            weights_dir=args.weights_dir)
+        print(json.dumps(summary, indent=2))
+        return 0
     summary = audit.attack_spe(
         cap, out_dir=args.out, sigma2=sigma2, refine=not args.no_refine, wavelet=args.wavelet,
         levels=args.levels, chunk_size=args.chunk_size)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from jaxleak import audit
+
+    aux = audit.load_data(args.aux_dataset, split=args.aux_split, n=args.aux_n, seed=args.data_seed,
+                          image_size=args.image_size, data_dir=args.data_dir, download=args.download)
+    eval_data = None
+    if args.eval_dataset or args.eval_split:
+        eval_data = audit.load_data(args.eval_dataset or args.aux_dataset,
+                                    split=args.eval_split or args.aux_split, n=args.eval_size,
+                                    seed=args.data_seed, image_size=args.image_size, data_dir=args.data_dir,
+                                    download=args.download)
+    epsilons = [e for e in args.epsilon if not math.isinf(e)]
+    calibration = args.calibration if epsilons else "none"  # only inf given: no protection
+    network = {"base_width": args.base_width, "multipliers": tuple(args.multipliers),
+               "resnet_blocks": args.resnet_blocks, "groups": args.groups, "time_dim": args.time_dim,
+               "attention_heads": args.attention_heads, "attention_head_dim": args.attention_head_dim}
+    train = {"loss": args.loss or ("mse" if args.variant == "fgla" else "mse+cos"),
+             "learning_rate": args.lr, "max_lr": args.max_lr,
+             "weight_decay": args.weight_decay, "steps": args.steps, "batch_size": args.batch_size,
+             "eval_every": args.eval_every, "eval_size": args.eval_size,
+             "checkpoint_every": args.checkpoint_every, "seed": args.seed,
+             "mixed_precision": args.mixed_precision}
+    summary = audit.train_recovery(
+        args.variant, aux, model=args.model, out=args.out, width=args.width, hidden=args.hidden,
+        victim_checkpoint=args.victim_checkpoint, init_seed=args.init_seed, calibration=calibration,
+        mechanism=args.mechanism, epsilons=tuple(epsilons), delta=args.delta, clip=args.clip,
+        dp_lr=args.dp_lr, accountant=args.accountant, sigma2=args.sigma2, layer=args.layer,
+        network=network, train=train, eval_data=eval_data, resume=args.resume, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -260,10 +301,78 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dp_options(p)
     p.set_defaults(func=cmd_capture)
 
+    p = sub.add_parser("train", help="train a Venom recovery network on auxiliary images",
+                       description="Train Diff-LRN (venom), its sinusoidal-embedding ablation (venom-diff) or "
+                                   "the FGLA generator (fgla) on triplets made on the fly from auxiliary "
+                                   "images: victim gradient, DP noise, SPE. Writes an orbax checkpoint folder "
+                                   "for `jaxleak attack VARIANT --checkpoint`. The auxiliary images must be "
+                                   "disjoint from the attacked ones (another split or dataset).")
+    p.add_argument("variant", choices=("venom", "venom-diff", "fgla"))
+    g = p.add_argument_group("auxiliary data")
+    g.add_argument("--aux-dataset", default="mnist-embedded", help="dataset name or path (default %(default)s)")
+    g.add_argument("--aux-split", default="train")
+    g.add_argument("--aux-n", type=_positive_int, default=None, help="auxiliary images (default: all)")
+    g.add_argument("--eval-dataset", default=None, help="held-out dataset (default: hold out aux images)")
+    g.add_argument("--eval-split", default=None)
+    g.add_argument("--data-seed", type=_nonneg_int, default=0)
+    g.add_argument("--data-dir", default=None, help="offline dataset copies (default: $JAXLEAK_DATA_DIR)")
+    g.add_argument("--image-size", type=_image_size, default=None, help="resize to N or HxW")
+    g.add_argument("--download", action="store_true", help="let tensorflow-datasets download")
+    g = p.add_argument_group("victim model (must match the captures attacked later)")
+    g.add_argument("--model", default="lenet-venom")
+    g.add_argument("--width", type=_positive_int, default=None)
+    g.add_argument("--hidden", type=_positive_int, nargs="+", default=None)
+    g.add_argument("--victim-checkpoint", default=None, help="victim checkpoint from `jaxleak train-victim`")
+    g.add_argument("--init-seed", type=_nonneg_int, default=0)
+    g.add_argument("--layer", default="head", help="dense layer whose gradient SPE inverts")
+    g = p.add_argument_group("protection the training triplets simulate")
+    g.add_argument("--calibration", choices=("paper", "dpsgd", "none"), default="paper")
+    g.add_argument("--mechanism", choices=("gaussian", "laplace"), default="gaussian")
+    g.add_argument("--epsilon", type=_epsilon, nargs="+", default=[1.0, 5.0, 10.0],
+                   help="epsilons to train for; each image draws one (default 1 5 10)")
+    g.add_argument("--delta", type=_positive_float, default=1e-5)
+    g.add_argument("--clip", type=_positive_float, default=1.0)
+    g.add_argument("--dp-lr", type=_positive_float, default=1e-3)
+    g.add_argument("--accountant", choices=("rdp", "pld"), default="rdp")
+    g.add_argument("--sigma2", choices=("mechanism", "estimate"), default="mechanism")
+    g = p.add_argument_group("network (defaults: the reference's)")
+    g.add_argument("--base-width", type=_positive_int, default=64)
+    g.add_argument("--multipliers", type=_positive_int, nargs="+", default=[1, 2, 4])
+    g.add_argument("--resnet-blocks", type=_positive_int, default=2)
+    g.add_argument("--groups", type=_positive_int, default=8)
+    g.add_argument("--time-dim", type=_positive_int, default=64)
+    g.add_argument("--attention-heads", type=_positive_int, default=4)
+    g.add_argument("--attention-head-dim", type=_positive_int, default=32)
+    g = p.add_argument_group("training")
+    g.add_argument("--loss", choices=("mse", "mse+cos"), default=None,
+                   help="default: mse+cos (reference code) for venom/venom-diff, mse for fgla")
+    g.add_argument("--steps", type=_positive_int, default=2000)
+    g.add_argument("--batch-size", type=_positive_int, default=32)
+    g.add_argument("--lr", type=_positive_float, default=3e-4, help="initial one-cycle learning rate")
+    g.add_argument("--max-lr", type=_positive_float, default=1e-3, help="peak one-cycle learning rate")
+    g.add_argument("--weight-decay", type=float, default=5e-4)
+    g.add_argument("--eval-every", type=_nonneg_int, default=100)
+    g.add_argument("--eval-size", type=_positive_int, default=64, help="held-out images")
+    g.add_argument("--checkpoint-every", type=_nonneg_int, default=500)
+    g.add_argument("--seed", type=_nonneg_int, default=0)
+    g.add_argument("--mixed-precision", action="store_true", help="bfloat16 compute for the network")
+    p.add_argument("--out", required=True, help="checkpoint folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("attack", help="reconstruct from a capture file",
-                       description="Run an attack on a capture file; writes features.npz, and "
-                                   "reconstructions.npz + metrics.json when images are recovered.")
-    p.add_argument("attack", choices=("spe",), help="spe: Venom's Structural Prior Extraction")
+                       description="Run an attack on a capture file. spe writes features.npz, and "
+                                   "reconstructions.npz + metrics.json when images are recovered; venom, "
+                                   "venom-diff and fgla run SPE then the network of --checkpoint and write "
+                                   "reconstructions.npz + metrics.json.")
+    p.add_argument("attack", choices=("spe", "venom", "venom-diff", "fgla"),
+                   help="spe: Venom's Structural Prior Extraction; venom/venom-diff/fgla: SPE + a network "
+                        "trained by `jaxleak train`")
+    p.add_argument("--checkpoint", default=None, help="recovery-network folder from `jaxleak train`")
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="captures per network call")
+    p.add_argument("--lpips-net", choices=("alex", "squeeze", "vgg"), default="alex")
+    p.add_argument("--weights-dir", default=None, help="LPIPS weights root (default: $JAXLEAK_WEIGHTS_DIR)")
     p.add_argument("--captures", required=True, help="capture file (.npz)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--sigma2", default="mechanism",

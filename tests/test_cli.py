@@ -17,7 +17,7 @@ def _run(capsys, *argv):
 
 
 def test_help_on_every_subcommand(capsys):
-    for cmd in ("demo", "capture", "attack", "bench", "train-victim", "models", "datasets"):
+    for cmd in ("demo", "capture", "attack", "train", "bench", "train-victim", "models", "datasets"):
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
         assert e.value.code == 0
@@ -119,3 +119,50 @@ def test_train_victim_then_capture_from_its_checkpoint(tmp_path, capsys):
     code, _, err = _run(capsys, "capture", "--model", "mlp", "--hidden", "32", "--checkpoint", str(ckpt),
                         "--n", "2", "--quiet", "--out", str(caps))
     assert code == 2 and "different model" in err
+
+
+_TINY_NET = ("--base-width", "8", "--multipliers", "1", "2", "--resnet-blocks", "1", "--time-dim", "8",
+             "--attention-heads", "1", "--attention-head-dim", "8")
+
+
+def test_train_venom_then_attack_end_to_end(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    code, out, err = _run(capsys, "train", "venom", "--aux-dataset", "mnist-embedded", "--aux-split", "train",
+                          "--aux-n", "40", "--image-size", "16", "--model", "lenet-venom", "--epsilon", "1", "5",
+                          "10", "--calibration", "paper", "--steps", "2", "--batch-size", "4", "--eval-size", "8",
+                          "--eval-every", "0", *_TINY_NET, "--quiet", "--out", str(ckpt))
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["step"] == 2 and summary["aux_dataset"]["name"] == "mnist-embedded"
+    stored = json.loads((ckpt / "config.json").read_text())
+    assert stored["victim"]["model"] == "lenet-venom" and stored["victim"]["image_shape"] == [16, 16, 1]
+    assert stored["triplets"]["epsilons"] == [1.0, 5.0, 10.0] and stored["train"]["loss"] == "mse+cos"
+
+    caps = tmp_path / "caps.npz"
+    assert _run(capsys, "capture", "--image-size", "16", "--n", "4", "--epsilon", "5", "--quiet",
+                "--out", str(caps))[0] == 0
+    out_dir = tmp_path / "venom"
+    code, out, err = _run(capsys, "attack", "venom", "--checkpoint", str(ckpt), "--captures", str(caps),
+                          "--out", str(out_dir))
+    assert code == 0, err
+    assert json.loads(out)["attack"] == "venom"
+    recon = np.load(out_dir / "reconstructions.npz")["images"]
+    assert recon.shape == (4, 16, 16, 1) and recon.dtype == np.float32
+    assert recon.min() > 0 and recon.max() < 1
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert {"psnr", "ssim", "mse", "asr@0.5"} <= set(metrics["metrics"])
+    assert len(metrics["metrics"]["psnr"]["values"]) == 4
+    assert metrics["trained_on"]["name"] == "mnist-embedded" and metrics["checkpoint_step"] == 2
+    assert "lpips not computed" in metrics["note"]  # 16x16 is below AlexNet's 31 px
+
+    # a checkpoint trained for 16x16 refuses 28x28 captures; the wrong variant and spe+checkpoint too
+    caps28 = tmp_path / "caps28.npz"
+    assert _run(capsys, "capture", "--n", "2", "--quiet", "--out", str(caps28))[0] == 0
+    code, _, err = _run(capsys, "attack", "venom", "--checkpoint", str(ckpt), "--captures", str(caps28),
+                        "--out", str(tmp_path / "x"))
+    assert code == 2 and "image_shape" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, "attack", "fgla", "--checkpoint", str(ckpt), "--captures", str(caps),
+                        "--out", str(tmp_path / "y"))
+    assert code == 2 and "'venom' network" in err
+    code, _, err = _run(capsys, "attack", "venom", "--captures", str(caps), "--out", str(tmp_path / "z"))
+    assert code == 2 and "--checkpoint" in err

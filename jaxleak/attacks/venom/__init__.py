@@ -18,6 +18,7 @@ from jaxleak.attacks.venom._embedding import (
 )
 from jaxleak.attacks.venom._layers import film
 from jaxleak.attacks.venom._unet import ConditionedUNet, PixelShuffleHead
+from jaxleak.attacks.venom.infer import make_infer_fn, recover_images
 from jaxleak.attacks.venom.network import (
     VARIANTS,
     DiffLRN,
@@ -25,6 +26,15 @@ from jaxleak.attacks.venom.network import (
     RecoveryNetConfig,
     VenomDiff,
     make_recovery_net,
+)
+from jaxleak.attacks.venom.train import (
+    TrainConfig,
+    TrainResult,
+    TrainState,
+    load_recovery_net,
+    make_train_step,
+    reconstruction_loss,
+    train_recovery_net,
 )
 from jaxleak.attacks.venom.triplets import TripletConfig, Triplets, make_triplet_fn, make_triplets
 
@@ -41,6 +51,9 @@ __all__ = [
     "RecoveryNetConfig",
     "SinusoidalTimeEmbedding",
     "Time2Vec",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
     "TripletConfig",
     "Triplets",
     "VenomDiff",
@@ -48,8 +61,14 @@ __all__ = [
     "liquid_alpha",
     "liquid_dynamics",
     "liquid_update",
+    "load_recovery_net",
+    "make_infer_fn",
     "make_recovery_net",
+    "make_train_step",
     "make_triplet_fn",
     "make_triplets",
+    "reconstruction_loss",
+    "recover_images",
     "sinusoidal_embedding",
+    "train_recovery_net",
 ]

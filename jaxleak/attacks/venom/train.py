@@ -1,0 +1,640 @@
+"""Training a recovery network on auxiliary data (Venom Algorithm 1, eq. 8).
+
+Each step draws a minibatch of auxiliary images with the run's PRNG key, turns
+it into triplets ``(x_hat, T, z)`` with :func:`make_triplet_fn` (victim forward
+pass, clip, noise, SPE, ``T``) and takes one AdamW step on the reconstruction
+loss, all inside one jitted function: no intermediate files.
+
+Checkpoint directory layout (``out_dir``)::
+
+    out_dir/config.json          what the network was trained with (see _describe)
+    out_dir/checkpoints/<step>/  orbax: state (params, opt_state, step, key) + history
+
+``config.json`` is written before the first checkpoint and compared on resume,
+so a directory never mixes two runs. Resuming restores the optimizer state,
+the step and the PRNG key, so a run stopped at step ``k`` and resumed follows
+the same loss curve as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jaxtyping import Array, Float, Int, PyTree
+
+from jaxleak.attacks.spe import SPEConfig
+from jaxleak.attacks.venom.network import VARIANTS, RecoveryNetConfig, make_recovery_net
+from jaxleak.attacks.venom.triplets import TripletConfig, Triplets, make_triplet_fn
+
+LOSSES: tuple[str, ...] = ("mse", "mse+cos")
+CONFIG_FILE = "config.json"
+CHECKPOINT_SUBDIR = "checkpoints"
+_FORMAT = "jaxleak-recovery-net-v1"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How a recovery network is trained.
+
+    Attributes:
+      variant: ``"venom"``, ``"venom-diff"`` or ``"fgla"``; must equal the
+        network config's variant.
+      loss: ``"mse"`` (eq. 8) or ``"mse+cos"`` (the reference code's
+        ``0.5 * MSE + 0.5 * (1 - cosine)`` per image).
+      learning_rate: initial learning rate of the one-cycle schedule.
+      weight_decay: AdamW decoupled weight decay.
+      max_lr: peak learning rate of the one-cycle schedule.
+      warmup_fraction: share of the steps spent rising to ``max_lr``.
+      steps: total optimisation steps (the schedule spans them).
+      batch_size: auxiliary images per step.
+      eval_every: evaluate on the held-out triplets every this many steps
+        (and at the end); 0 only at the end.
+      eval_size: held-out images (taken from the end of the auxiliary set when no
+        separate evaluation images are given).
+      seed: seeds the network's initialisation, the minibatches and the noise.
+      mixed_precision: run the network in bfloat16 (parameters, optimizer
+        state and loss stay float32).
+      checkpoint_every: save a checkpoint every this many steps (and always at
+        the end); 0 only at the end.
+      max_to_keep: checkpoints kept in the directory.
+    """
+
+    variant: str = "venom"
+    loss: str = "mse"
+    learning_rate: float = 3e-4
+    weight_decay: float = 5e-4
+    max_lr: float = 1e-3
+    warmup_fraction: float = 0.3
+    steps: int = 1000
+    batch_size: int = 32
+    eval_every: int = 100
+    eval_size: int = 64
+    seed: int = 0
+    mixed_precision: bool = False
+    checkpoint_every: int = 0
+    max_to_keep: int = 2
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        for name in ("steps", "batch_size", "eval_size", "max_to_keep"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "checkpoint_every", "seed"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.learning_rate <= self.max_lr:
+            raise ValueError(
+                f"need 0 < learning_rate <= max_lr, got {self.learning_rate} and {self.max_lr}"
+            )
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 < self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in (0, 1), got {self.warmup_fraction}")
+
+
+class TrainState(NamedTuple):
+    """Everything a run needs to continue (all arrays, so orbax saves it as one tree).
+
+    Attributes:
+      params: the network's variables (``{"params": ...}``), float32.
+      opt_state: AdamW + schedule state.
+      step: steps taken, int32 scalar.
+      key: raw ``uint32[2]`` PRNG key for the next step.
+    """
+
+    params: PyTree
+    opt_state: PyTree
+    step: Int[Array, ""]
+    key: Array
+
+
+class TrainResult(NamedTuple):
+    """What :func:`train_recovery_net` returns.
+
+    Attributes:
+      params: the trained variables, ``model.apply(params, features, T)``.
+      history: ``{"step": [...], "loss": [...], "eval_step": [...],
+        "eval_psnr": [...], "eval_ssim": [...]}`` over the whole run (resumed
+        runs include the steps before the interruption).
+      step: the step reached.
+      model: the Flax module.
+    """
+
+    params: PyTree
+    history: dict[str, list]
+    step: int
+    model: Any
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW on a one-cycle cosine schedule from ``learning_rate`` up to ``max_lr`` and down."""
+    schedule = optax.cosine_onecycle_schedule(
+        transition_steps=config.steps,
+        peak_value=config.max_lr,
+        pct_start=config.warmup_fraction,
+        div_factor=config.max_lr / config.learning_rate,
+        final_div_factor=1e4,
+    )
+    return optax.adamw(schedule, weight_decay=config.weight_decay)
+
+
+def _per_image_loss(
+    recon: Float[Array, "h w c"], target: Float[Array, "h w c"], kind: str
+) -> Float[Array, ""]:
+    mse = jnp.mean((recon - target) ** 2)
+    if kind == "mse":
+        return mse
+    r, t = recon.reshape(-1), target.reshape(-1)
+    # eps keeps the cosine finite for an all-zero image
+    cos = jnp.dot(r, t) / (jnp.linalg.norm(r) * jnp.linalg.norm(t) + 1e-8)
+    return 0.5 * mse + 0.5 * (1.0 - cos)
+
+
+def reconstruction_loss(
+    recon: Float[Array, "b h w c"], target: Float[Array, "b h w c"], kind: str = "mse"
+) -> Float[Array, ""]:
+    """Mean over the batch of the per-image loss (``"mse"`` or ``"mse+cos"``)."""
+    per_image = jax.vmap(lambda r, t: _per_image_loss(r, t, kind))(recon, target)
+    return jnp.mean(per_image)
+
+
+def _apply(model, params: PyTree, features, noise_strength, mixed_precision: bool):
+    if mixed_precision:
+        # bf16 compute; the cast is differentiable, so gradients land on the f32 params
+        cast = lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        params = jax.tree_util.tree_map(cast, params)
+        features = features.astype(jnp.bfloat16)
+        noise_strength = noise_strength.astype(jnp.bfloat16)
+    return model.apply(params, features, noise_strength).astype(jnp.float32)
+
+
+def make_train_step(
+    model,
+    optimizer: optax.GradientTransformation,
+    *,
+    loss: str = "mse",
+    mixed_precision: bool = False,
+):
+    """A jitted pure ``(state, batch: Triplets) -> (state, {"loss": []})``.
+
+    ``state.key`` is carried unchanged: the caller (see :func:`make_update_fn`)
+    owns the key schedule.
+    """
+
+    def step(state: TrainState, batch: Triplets) -> tuple[TrainState, dict[str, Array]]:
+        def objective(params):
+            recon = _apply(model, params, batch.features, batch.noise_strength, mixed_precision)
+            return reconstruction_loss(recon, batch.images.astype(jnp.float32), loss)
+
+        value, grads = jax.value_and_grad(objective)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = state._replace(params=params, opt_state=opt_state, step=state.step + 1)
+        return new, {"loss": value}
+
+    return jax.jit(step)
+
+
+def make_update_fn(
+    model,
+    optimizer,
+    victim,
+    *,
+    config: TrainConfig,
+    triplet_config: TripletConfig,
+    spe_config: SPEConfig | None = None,
+):
+    """A jitted ``(state, victim_variables, images [N,...], labels [N]) -> (state, metrics)``.
+
+    Draws ``batch_size`` indices of the auxiliary set with ``state.key``, makes
+    their triplets and takes one step; the key advances by one split.
+    """
+    triplet_fn = make_triplet_fn(victim, triplet_config, spe_config or SPEConfig())
+    train_step = make_train_step(
+        model, optimizer, loss=config.loss, mixed_precision=config.mixed_precision
+    )
+
+    def update(state: TrainState, victim_variables, images, labels):
+        key, k_idx, k_trip = jax.random.split(state.key, 3)
+        idx = jax.random.randint(k_idx, (config.batch_size,), 0, images.shape[0])
+        batch = triplet_fn(victim_variables, images[idx], labels[idx], k_trip)
+        state, metrics = train_step(state._replace(key=key), batch)
+        return state, metrics
+
+    return jax.jit(update)
+
+
+def make_eval_fn(model, *, mixed_precision: bool = False):
+    """A jitted ``(params, Triplets) -> {"psnr": [], "ssim": []}`` (batch means)."""
+    from jaxleak import metrics
+
+    def evaluate(params, batch: Triplets):
+        recon = _apply(model, params, batch.features, batch.noise_strength, mixed_precision)
+        recon = jnp.clip(recon, 0.0, 1.0)
+        target = batch.images.astype(jnp.float32)
+        return {
+            "psnr": jnp.mean(metrics.psnr(recon, target)),
+            "ssim": jnp.mean(metrics.ssim(recon, target)),
+        }
+
+    return jax.jit(evaluate)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model):
+    # compiling a UNet's initialisers takes seconds: once per model per process
+    return jax.jit(model.init)
+
+
+def init_state(model, optimizer, net_config: RecoveryNetConfig, seed: int) -> TrainState:
+    """Fresh parameters and optimizer state; the data key is independent of the init key."""
+    root = jax.random.PRNGKey(seed)
+    k_init, k_data = jax.random.split(root)
+    features = jnp.zeros((1, *net_config.feature_shape), jnp.float32)
+    params = _jitted_init(model)(k_init, features, jnp.ones((1,), jnp.float32))
+    return TrainState(
+        params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32), key=k_data
+    )
+
+
+def _abstract_state(model, optimizer, net_config: RecoveryNetConfig) -> TrainState:
+    return jax.eval_shape(lambda: init_state(model, optimizer, net_config, 0))
+
+
+def _step_relevant(config: TrainConfig) -> TrainConfig:
+    """``config`` with the fields that do not enter the compiled step set to fixed values."""
+    return dataclasses.replace(
+        config, seed=0, eval_every=0, eval_size=1, checkpoint_every=0, max_to_keep=1
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(
+    net_config: RecoveryNetConfig,
+    victim,
+    config: TrainConfig,
+    triplet_config: TripletConfig,
+    spe_config: SPEConfig,
+):
+    """Model, optimizer and jitted update/eval, cached so repeated or resumed runs compile once."""
+    model = make_recovery_net(net_config)
+    optimizer = make_optimizer(config)
+    update = make_update_fn(
+        model,
+        optimizer,
+        victim,
+        config=config,
+        triplet_config=triplet_config,
+        spe_config=spe_config,
+    )
+    evaluate = make_eval_fn(model, mixed_precision=config.mixed_precision)
+    return model, optimizer, update, evaluate
+
+
+# --------------------------------------------------------------------------- checkpoint metadata
+
+
+def _config_dict(config) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _describe(net_config, config, triplet_config, spe_config, info) -> dict[str, Any]:
+    return {
+        "format": _FORMAT,
+        "network": _config_dict(net_config),
+        "train": _config_dict(config),
+        "triplets": _config_dict(triplet_config),
+        "spe": _config_dict(spe_config),
+        **json.loads(json.dumps(info or {})),
+    }
+
+
+def _differences(stored: Any, current: Any, prefix: str = "") -> list[str]:
+    if isinstance(stored, dict) and isinstance(current, dict):
+        out = []
+        for key in sorted(set(stored) | set(current)):
+            out += _differences(stored.get(key), current.get(key), f"{prefix}{key}.")
+        return out
+    if stored != current:
+        return [f"{prefix.rstrip('.')}: checkpoint has {stored!r}, now {current!r}"]
+    return []
+
+
+def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """The ``config.json`` of a recovery-network checkpoint directory.
+
+    Raises:
+      ValueError: if ``path`` holds no recovery-network checkpoint.
+    """
+    file = Path(path) / CONFIG_FILE
+    if not file.is_file():
+        raise ValueError(f"{path} is not a recovery-network checkpoint (no {CONFIG_FILE})")
+    info = json.loads(file.read_text())
+    if info.get("format") != _FORMAT:
+        raise ValueError(f"{file}: unknown format {info.get('format')!r}, expected {_FORMAT}")
+    return info
+
+
+def _manager(path: Path, max_to_keep: int) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(path.absolute() / CHECKPOINT_SUBDIR, options=options)
+
+
+def _save(manager: ocp.CheckpointManager, state: TrainState, history: dict) -> None:
+    step = int(state.step)
+    if step in manager.all_steps():
+        return
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)
+        ),
+    )
+    manager.wait_until_finished()
+
+
+def _restore(manager: ocp.CheckpointManager, abstract: TrainState, path) -> tuple[TrainState, dict]:
+    step = manager.latest_step()
+    if step is None:
+        raise ValueError(f"{path} has no saved steps to restore")
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()
+            ),
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"checkpoint {path} does not fit the network it describes: {error}"
+        ) from error
+    state = restored["state"]
+    state = TrainState(*state) if not isinstance(state, TrainState) else state
+    return state, dict(restored["history"])
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def _empty_history() -> dict[str, list]:
+    return {"step": [], "loss": [], "eval_step": [], "eval_psnr": [], "eval_ssim": []}
+
+
+def _check_images(images, labels, victim, what: str):
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels, np.int32)
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(victim.image_shape):
+        raise ValueError(
+            f"{what} images must be [N, *{tuple(victim.image_shape)}], got {images.shape}"
+        )
+    if labels.shape != images.shape[:1]:
+        raise ValueError(f"{what} labels must be [{images.shape[0]}], got {labels.shape}")
+    return images, labels
+
+
+def train_recovery_net(
+    net_config: RecoveryNetConfig,
+    victim,
+    victim_variables: PyTree,
+    aux_images: Float[np.ndarray, "n h w c"],
+    aux_labels: Int[np.ndarray, " n"],
+    *,
+    config: TrainConfig,
+    triplet_config: TripletConfig | None = None,
+    spe_config: SPEConfig | None = None,
+    eval_images: Float[np.ndarray, "m h w c"] | None = None,
+    eval_labels: Int[np.ndarray, " m"] | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    until: int | None = None,
+    info: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """Trains a recovery network on triplets made on the fly from auxiliary images.
+
+    Args:
+      net_config: architecture; ``image_shape`` must be the victim's and
+        ``feature_shape`` its ``triplet_config.layer`` input map.
+      victim: the victim model whose protected gradients are inverted.
+      victim_variables: its variables (as the attacked clients use them).
+      aux_images: the attacker's auxiliary images ``[N, H, W, C]`` in [0, 1].
+      aux_labels: their labels ``[N]``.
+      config: training settings.
+      triplet_config: DP protection the triplets simulate (default: ``TripletConfig()``).
+      spe_config: SPE settings of the triplets (default: ``SPEConfig()``).
+      eval_images, eval_labels: held-out images; default: the last
+        ``config.eval_size`` auxiliary images, then excluded from training.
+      out_dir: checkpoint directory (``None``: no checkpoints).
+      resume: continue from the latest checkpoint in ``out_dir``; without it an
+        ``out_dir`` that already holds checkpoints is refused.
+      until: stop after this step (checkpointing it) though the schedule spans
+        ``config.steps``; for splitting a run into pieces.
+      info: JSON-ready extra description stored in ``config.json`` (victim
+        name, options, init seed, auxiliary dataset name/split/source).
+      progress: show a tqdm bar with the loss and the last eval PSNR.
+
+    Returns:
+      A :class:`TrainResult`.
+
+    Raises:
+      ValueError: on inconsistent configs or shapes, an occupied ``out_dir``
+        without ``resume``, or a resumed directory trained with other settings.
+    """
+    triplet_config = triplet_config or TripletConfig()
+    spe_config = spe_config or SPEConfig()
+    if config.variant != net_config.variant:
+        raise ValueError(
+            f"TrainConfig.variant {config.variant!r} != RecoveryNetConfig.variant "
+            f"{net_config.variant!r}"
+        )
+    if tuple(net_config.image_shape) != tuple(victim.image_shape):
+        raise ValueError(
+            f"network image_shape {net_config.image_shape} != victim image_shape "
+            f"{tuple(victim.image_shape)}"
+        )
+    if triplet_config.layer not in victim.layers:
+        raise ValueError(f"victim {victim.name} has no layer {triplet_config.layer!r}")
+    fshape = tuple(victim.layers[triplet_config.layer].feature_shape)
+    if tuple(net_config.feature_shape) != fshape:
+        raise ValueError(
+            f"network feature_shape {net_config.feature_shape} != the victim's "
+            f"'{triplet_config.layer}' input map {fshape}"
+        )
+    images, labels = _check_images(aux_images, aux_labels, victim, "auxiliary")
+    if eval_images is None:
+        if images.shape[0] <= config.eval_size:
+            raise ValueError(
+                f"need more than eval_size={config.eval_size} auxiliary images to hold "
+                f"some out, got {images.shape[0]}"
+            )
+        eval_images, eval_labels = images[-config.eval_size :], labels[-config.eval_size :]
+        images, labels = images[: -config.eval_size], labels[: -config.eval_size]
+    else:
+        eval_images, eval_labels = _check_images(eval_images, eval_labels, victim, "evaluation")
+    if until is not None and not 1 <= until <= config.steps:
+        raise ValueError(f"until must be in [1, steps={config.steps}], got {until}")
+    last = config.steps if until is None else int(until)
+
+    model, optimizer, update, evaluate = _compiled(
+        net_config, victim, _step_relevant(config), triplet_config, spe_config
+    )
+    description = _describe(net_config, config, triplet_config, spe_config, info)
+
+    manager = None
+    state, history = None, _empty_history()
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        has_config = (out_dir / CONFIG_FILE).is_file()
+        if has_config and not resume:
+            raise ValueError(
+                f"{out_dir} already holds a recovery-network checkpoint; pass resume=True "
+                f"(--resume) to continue it or choose another directory"
+            )
+        if resume and has_config:
+            stored = read_checkpoint_info(out_dir)
+            diffs = _differences(stored, description)
+            if diffs:
+                raise ValueError(
+                    f"cannot resume {out_dir}: it was trained with other settings: "
+                    + "; ".join(diffs)
+                )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / CONFIG_FILE).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+        manager = _manager(out_dir, config.max_to_keep)
+        if resume and manager.latest_step() is not None:
+            state, history = _restore(
+                manager, _abstract_state(model, optimizer, net_config), out_dir
+            )
+    if state is None:
+        state = init_state(model, optimizer, net_config, config.seed)
+
+    triplet_fn = make_triplet_fn(victim, triplet_config, spe_config)
+    # fixed, seed-determined held-out triplets: same on every resume
+    eval_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0x5EED)
+    eval_batch = triplet_fn(
+        victim_variables, jnp.asarray(eval_images), jnp.asarray(eval_labels), eval_key
+    )
+    images_dev, labels_dev = jnp.asarray(images), jnp.asarray(labels)
+
+    def run_eval():
+        m = evaluate(state.params, eval_batch)
+        history["eval_step"].append(int(state.step))
+        history["eval_psnr"].append(float(m["psnr"]))
+        history["eval_ssim"].append(float(m["ssim"]))
+
+    start = int(state.step)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=last, initial=start, desc=f"train {net_config.variant}", unit="step")
+    try:
+        while int(state.step) < last:
+            state, metrics = update(state, victim_variables, images_dev, labels_dev)
+            step = int(state.step)
+            loss = float(metrics["loss"])
+            history["step"].append(step)
+            history["loss"].append(loss)
+            if config.eval_every and step % config.eval_every == 0:
+                run_eval()
+            if (
+                manager is not None
+                and config.checkpoint_every
+                and step % config.checkpoint_every == 0
+            ):
+                _save(manager, state, history)
+            if bar is not None:
+                psnr = history["eval_psnr"][-1] if history["eval_psnr"] else math.nan
+                bar.set_postfix(loss=f"{loss:.4g}", eval_psnr=f"{psnr:.2f}")
+                bar.update(1)
+    except KeyboardInterrupt:
+        if manager is not None:  # keep what was done; --resume continues from here
+            _save(manager, state, history)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if not history["eval_step"] or history["eval_step"][-1] != int(state.step):
+        run_eval()
+    if manager is not None:
+        _save(manager, state, history)
+        manager.close()
+    return TrainResult(params=state.params, history=history, step=int(state.step), model=model)
+
+
+def load_recovery_net(
+    path: str | Path, *, expected: RecoveryNetConfig | None = None
+) -> tuple[Any, PyTree, dict[str, Any]]:
+    """Loads the latest checkpoint of a directory written by :func:`train_recovery_net`.
+
+    Args:
+      path: the checkpoint directory.
+      expected: when given, the network the caller wants; any field that
+        differs from the stored one is an error.
+
+    Returns:
+      ``(model, params, info)``: the Flax module, its variables and the parsed
+      ``config.json`` plus ``"step"`` (the restored step) and ``"history"``.
+
+    Raises:
+      ValueError: not a checkpoint, no saved step, a stored network that
+        differs from ``expected``, or parameters that do not fit the network.
+    """
+    path = Path(path)
+    info = read_checkpoint_info(path)
+    net_config = network_config_from_info(info)
+    if expected is not None:
+        diffs = _differences(info["network"], _config_dict(expected))
+        if diffs:
+            raise ValueError(f"checkpoint {path} holds a different network: " + "; ".join(diffs))
+    train_config = TrainConfig(**info["train"])
+    model = make_recovery_net(net_config)
+    optimizer = make_optimizer(train_config)
+    manager = _manager(path, train_config.max_to_keep)
+    try:
+        state, history = _restore(manager, _abstract_state(model, optimizer, net_config), path)
+    finally:
+        manager.close()
+    info = {**info, "step": int(state.step), "history": history}
+    return model, state.params, info
+
+
+def network_config_from_info(info: dict[str, Any]) -> RecoveryNetConfig:
+    """The :class:`RecoveryNetConfig` stored in a checkpoint's ``config.json``."""
+    return RecoveryNetConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in info["network"].items()}
+    )
+
+
+__all__ = [
+    "LOSSES",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "init_state",
+    "load_recovery_net",
+    "make_eval_fn",
+    "make_optimizer",
+    "make_train_step",
+    "make_update_fn",
+    "network_config_from_info",
+    "read_checkpoint_info",
+    "reconstruction_loss",
+    "train_recovery_net",
+]

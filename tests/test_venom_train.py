@@ -1,0 +1,194 @@
+"""Training, checkpointing, resuming and batched inference of Venom's recovery networks."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxleak.attacks.venom import RecoveryNetConfig, TripletConfig, make_triplets
+from jaxleak.attacks.venom.infer import recover_images
+from jaxleak.attacks.venom.train import (
+    TrainConfig,
+    init_state,
+    load_recovery_net,
+    make_optimizer,
+    make_train_step,
+    reconstruction_loss,
+    train_recovery_net,
+)
+from jaxleak.models import get_victim
+
+NET = RecoveryNetConfig(
+    image_shape=(16, 16, 1),
+    feature_shape=(4, 4, 16),
+    base_width=8,
+    multipliers=(1, 2),
+    resnet_blocks=1,
+    liquid_steps=2,
+    time_dim=8,
+    attention_heads=1,
+    attention_head_dim=8,
+)
+TRAIN = TrainConfig(steps=4, batch_size=4, eval_every=2, eval_size=8, checkpoint_every=2, seed=3)
+TRIPLETS = TripletConfig(calibration="paper", epsilons=(5.0, 10.0))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    victim = get_victim("lenet-venom", image_shape=(16, 16, 1), num_classes=10)
+    variables = victim.init(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+    base = rng.random((40, 4, 4, 1)).astype(np.float32)
+    images = np.repeat(
+        np.repeat(base, 4, axis=1), 4, axis=2
+    )  # smooth, so there is something to learn
+    labels = rng.integers(0, 10, 40)
+    return victim, variables, images, labels
+
+
+@pytest.fixture(scope="module")
+def runs(setup, tmp_path_factory):
+    """An uninterrupted 4-step run, and the same run stopped after step 2 and resumed."""
+    victim, variables, images, labels = setup
+    root = tmp_path_factory.mktemp("venom")
+    kwargs = {
+        "config": TRAIN,
+        "triplet_config": TRIPLETS,
+        "info": {"aux_dataset": {"name": "random"}},
+    }
+    full = train_recovery_net(
+        NET, victim, variables, images, labels, out_dir=root / "full", **kwargs
+    )
+    first = train_recovery_net(
+        NET, victim, variables, images, labels, out_dir=root / "split", until=2, **kwargs
+    )
+    rest = train_recovery_net(
+        NET, victim, variables, images, labels, out_dir=root / "split", resume=True, **kwargs
+    )
+    return full, first, rest, root
+
+
+def test_loss_formulas():
+    x = jnp.ones((2, 2, 2, 1))
+    y = jnp.zeros((2, 2, 2, 1)).at[1].set(2.0)
+    # per image: mse 1 and 1 -> 1; cosine 0 (x vs 0, guarded) and 1 (parallel)
+    assert float(reconstruction_loss(x, y, "mse")) == pytest.approx(1.0)
+    assert float(reconstruction_loss(x, y, "mse+cos")) == pytest.approx((1.0 + 0.5) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="loss"):
+        TrainConfig(loss="l1")
+    with pytest.raises(ValueError, match="max_lr"):
+        TrainConfig(learning_rate=1e-2, max_lr=1e-3)
+
+
+def test_one_training_step_lowers_the_loss_on_a_fixed_batch(setup, runs):
+    victim, variables, images, labels = setup
+    batch = make_triplets(
+        victim, variables, images[:8], labels[:8], jax.random.PRNGKey(1), config=TRIPLETS
+    )
+    model = runs[0].model  # reuses the compiled initialiser of the runs fixture
+    optimizer = make_optimizer(dataclasses.replace(TRAIN, learning_rate=1e-3, max_lr=1e-3))
+    state = init_state(model, optimizer, NET, seed=0)
+    step = make_train_step(model, optimizer, loss="mse")
+    state1, m0 = step(state, batch)
+    _, m1 = step(state1, batch)  # the loss reported at step 2 is the loss of step 1's params
+    assert int(state1.step) == 1
+    assert float(m1["loss"]) < float(m0["loss"])
+
+
+def test_resume_after_interruption_continues_the_same_run(runs):
+    full, first, rest, _ = runs
+    assert first.step == 2 and rest.step == 4 == full.step
+    assert first.history["loss"] == full.history["loss"][:2]
+    assert rest.history["loss"] == full.history["loss"]  # history carries over the interruption
+    assert rest.history["eval_step"] == full.history["eval_step"] == [2, 4]
+    np.testing.assert_allclose(rest.history["eval_psnr"], full.history["eval_psnr"], rtol=1e-6)
+    leaves_a = jax.tree_util.tree_leaves(full.params)
+    leaves_b = jax.tree_util.tree_leaves(rest.params)
+    for a, b in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(runs, setup):
+    full, _, _, root = runs
+    model, params, info = load_recovery_net(root / "full")
+    assert (
+        info["step"] == 4 and info["train"]["seed"] == 3 and info["aux_dataset"]["name"] == "random"
+    )
+    assert info["triplets"]["epsilons"] == [5.0, 10.0] and info["network"]["base_width"] == 8
+    x = jax.random.uniform(jax.random.PRNGKey(7), (3, 4, 4, 16))
+    t = jnp.array([0.5, 1.0, 2.0])
+    apply = jax.jit(model.apply)
+    np.testing.assert_array_equal(
+        np.asarray(apply(params, x, t)), np.asarray(apply(full.params, x, t))
+    )
+
+
+def test_mismatched_checkpoints_are_refused(runs, setup):
+    _, _, _, root = runs
+    victim, variables, images, labels = setup
+    with pytest.raises(ValueError, match="base_width: checkpoint has 8, now 16"):
+        load_recovery_net(root / "full", expected=dataclasses.replace(NET, base_width=16))
+    with pytest.raises(ValueError, match="resume"):  # occupied directory without resume
+        train_recovery_net(
+            NET,
+            victim,
+            variables,
+            images,
+            labels,
+            config=TRAIN,
+            triplet_config=TRIPLETS,
+            out_dir=root / "full",
+        )
+    with pytest.raises(ValueError, match="train.max_lr"):  # resuming with other settings
+        train_recovery_net(
+            NET,
+            victim,
+            variables,
+            images,
+            labels,
+            triplet_config=TRIPLETS,
+            config=dataclasses.replace(TRAIN, max_lr=2e-3),
+            out_dir=root / "full",
+            resume=True,
+        )
+    with pytest.raises(ValueError, match="not a recovery-network checkpoint"):
+        load_recovery_net(root)
+    with pytest.raises(ValueError, match="variant"):
+        train_recovery_net(
+            NET, victim, variables, images, labels, config=TrainConfig(variant="fgla")
+        )
+
+
+def test_recover_images_in_padded_chunks_equals_one_by_one(runs):
+    full = runs[0]
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(5, 4, 4, 16)).astype(np.float32)
+    t = np.array([0.1, 0.5, 1.0, np.inf, 2.0], np.float32)
+    batched = recover_images(full.model, full.params, x, t, batch_size=2)
+    assert batched.shape == (5, 16, 16, 1) and batched.dtype == np.float32
+    assert np.all((batched > 0) & (batched < 1))
+    t_used = np.where(np.isfinite(t), t, 2.0)  # inf is replaced by the largest finite T
+    single = np.concatenate(
+        [
+            recover_images(full.model, full.params, x[i : i + 1], t_used[i : i + 1], batch_size=1)
+            for i in range(5)
+        ]
+    )
+    np.testing.assert_allclose(batched, single, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="noise_strength"):
+        recover_images(full.model, full.params, x, t[:3])
+
+
+@pytest.mark.slow
+def test_mixed_precision_trains_with_float32_params_and_loss(setup):
+    victim, variables, images, labels = setup
+    config = dataclasses.replace(TRAIN, mixed_precision=True, loss="mse+cos", checkpoint_every=0)
+    result = train_recovery_net(
+        NET, victim, variables, images, labels, config=config, triplet_config=TRIPLETS
+    )
+    assert all(np.isfinite(result.history["loss"])) and len(result.history["loss"]) == 4
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(result.params)} == {
+        jnp.dtype("float32")
+    }
