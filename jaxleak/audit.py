@@ -5,6 +5,7 @@ Plain functions that the CLI (and users' scripts) call with plain values.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -112,9 +113,14 @@ def victim_from_capture(cap: Capture):
     return None
 
 
+@functools.lru_cache(maxsize=16)
+def _layer_input_fn(victim, layer: str):
+    return jax.jit(lambda v, x: victim.layer_input(v, x, layer=layer))
+
+
 def layer_inputs(victim, variables, images: np.ndarray, layer: str = "head", batch: int = 512) -> np.ndarray:
-    """The true input map ``[N, H, W, C]`` of ``layer`` for ``images`` (what SPE tries to recover)."""
-    fn = jax.jit(lambda v, x: victim.layer_input(v, x, layer=layer))
+    """The true input ``[N, d]`` of ``layer`` for ``images`` (what SPE tries to recover)."""
+    fn = _layer_input_fn(victim, layer)
     out = [np.asarray(fn(variables, images[i:i + batch])) for i in range(0, len(images), batch)]
     return np.concatenate(out)
 

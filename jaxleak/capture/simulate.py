@@ -33,12 +33,6 @@ def per_example_grads(
     return jax.vmap(grad_one, in_axes=(None, 0, 0))(params, images, labels)
 
 
-def _get_path(tree: PyTree, path: tuple[str, ...]) -> PyTree:
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
 def _client_update(
     victim,
     variables: PyTree,
@@ -47,7 +41,7 @@ def _client_update(
     key: PRNGKeyArray,
     *,
     dp: ResolvedDP,
-    layer_path: tuple[str, ...],
+    layer: str,
     keep_update: bool,
 ) -> tuple[Float[Array, "k d"], Float[Array, " k"], PyTree | None]:
     grads = per_example_grads(victim, variables, images, labels)
@@ -55,14 +49,14 @@ def _client_update(
         grads, key, calibration=dp.calibration, mechanism=dp.mechanism,
         clip=dp.clip, noise_scale=dp.noise_scale,
     )
-    dense = _get_path(update, layer_path)
+    dense = victim.layers[layer].select(update)
     # Flax kernels are [d, K]; captures are class-major [K, d].
     return dense["kernel"].T, dense["bias"], (update if keep_update else None)
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_chunk(victim, dp: ResolvedDP, layer_path: tuple[str, ...], keep_update: bool):
-    one = functools.partial(_client_update, victim, dp=dp, layer_path=layer_path, keep_update=keep_update)
+def _compiled_chunk(victim, dp: ResolvedDP, layer: str, keep_update: bool):
+    one = functools.partial(_client_update, victim, dp=dp, layer=layer, keep_update=keep_update)
 
     def chunk(variables, images, labels, seed, client_ids):
         base = jax.random.PRNGKey(seed)
@@ -165,7 +159,7 @@ def capture_updates(
     y = labels.astype(np.int32).reshape(n_clients, batch_size)
 
     chunk = min(chunk_size, n_clients)
-    fn = _compiled_chunk(victim, resolved, tuple(dense.path), keep_update)
+    fn = _compiled_chunk(victim, resolved, layer, keep_update)
     gws, gbs, updates = [], [], []
     bar = _progress(n_clients, progress, "capture")
     for start in range(0, n_clients, chunk):
@@ -240,7 +234,7 @@ def time_capture(
     """
     resolved = resolve(dp, batch_size=1)
     victim = victim.with_conv_impl(capture_conv_impl(victim, resolved.calibration, conv_impl=conv_impl))
-    fn = _compiled_chunk(victim, resolved, tuple(victim.layers["head"].path), False)
+    fn = _compiled_chunk(victim, resolved, "head", False)
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.random((batch, 1, *victim.image_shape), dtype=np.float32))
     y = jnp.asarray(rng.integers(0, victim.num_classes, (batch, 1)), dtype=jnp.int32)
