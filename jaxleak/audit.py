@@ -167,6 +167,35 @@ def image_metrics(recon: np.ndarray, truth: np.ndarray) -> dict[str, np.ndarray]
     return {k: np.asarray(getattr(metrics, k)(x, y)) for k in ("psnr", "ssim", "mse")}
 
 
+LPIPS_SMALL_RESIZE = 64
+
+
+def lpips_metric(recon: np.ndarray, truth: np.ndarray, *, net: str = "alex", weights_dir: str | None = None,
+                 notes: list[str] | None = None) -> dict[str, np.ndarray]:
+    """``{"lpips_<net>": [N]}``; images below the backbone's minimum side are first resized.
+
+    Images smaller than the backbone accepts (AlexNet: 31 px, e.g. 28x28 MNIST)
+    are upsampled bilinearly to ``LPIPS_SMALL_RESIZE`` (64) on both sides, and a
+    note says so; missing weights give an empty dict and a note naming where
+    they were looked for.
+    """
+    from jaxleak.metrics import lpips
+    from jaxleak.metrics._lpips import min_side
+
+    notes = notes if notes is not None else []
+    resize = None
+    if min(recon.shape[1:3]) < min_side(net):
+        resize = LPIPS_SMALL_RESIZE
+        notes.append(f"lpips_{net} on images upsampled bilinearly from {recon.shape[1]}x{recon.shape[2]} "
+                     f"to {resize}x{resize} (below the {min_side(net)} px the backbone needs)")
+    try:
+        return {f"lpips_{net}": np.asarray(lpips(recon, truth, net=net, weights_dir=weights_dir,
+                                                 resize=resize))}
+    except FileNotFoundError as error:
+        notes.append(f"lpips not computed: {str(error).splitlines()[0]}")
+        return {}
+
+
 def feature_metrics(features_raw: np.ndarray, features: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:
     """Cosine similarity of recovered vs true head features, before and after refinement."""
     from jaxleak.metrics import cosine_similarity
@@ -301,7 +330,8 @@ def train_recovery(variant: str, aux, *, model: str, out: str, width: int | None
     train_config = TrainConfig(variant=variant, **(train or {}))
     triplet_config = TripletConfig(calibration=calibration, mechanism=mechanism,
                                    epsilons=tuple(float(e) for e in epsilons), delta=delta, clip=clip,
-                                   lr=dp_lr, accountant=accountant, sigma2=sigma2, layer=layer)
+                                   lr=dp_lr, accountant=accountant, sigma2=sigma2, layer=layer,
+                                   features="fgla" if variant == "fgla" else "spe")
     info = {
         "victim": {**victim.metadata(), "init_seed": vmeta.get("init_seed"),
                    "checkpoint": vmeta.get("checkpoint"), "layer": layer,
@@ -397,13 +427,27 @@ def attack_venom(cap: Capture, *, checkpoint: str, out_dir: str, variant: str | 
     if batch > 1:
         notes.append(f"client batches of B={batch}: SPE recovers a mixture; the network was trained on B=1")
     model, params, info = load_recovery_net(checkpoint)
-    s2, source = resolve_sigma2(cap, sigma2)
-    spe_fields = {k: v for k, v in info.get("spe", {}).items() if k != "noise_rank"}
-    spe_config = SPEConfig(**spe_fields, noise_rank=batch)
-    res = spe_batch(cap.fc_weight_grad, cap.fc_bias_grad, feature_shape=cap.feature_shape, sigma2=s2,
-                    config=spe_config, chunk_size=chunk_size)
-    features = np.asarray(res.features).reshape(cap.n, *cap.feature_shape)
-    noise_strength = np.asarray(res.noise_strength)
+    feature_kind = (info.get("triplets") or {}).get("features", "spe")
+    if feature_kind == "fgla":  # FGLA's label row; T is unused by its generator
+        from jaxleak.attacks.fgla import fgla_batch
+
+        if batch > 1:
+            raise ValueError("FGLA features are defined here for one image per capture (B=1)")
+        res = fgla_batch(cap.fc_weight_grad, cap.fc_bias_grad, feature_shape=cap.feature_shape,
+                         chunk_size=chunk_size)
+        features, noise_strength = res.features, np.zeros((cap.n,), np.float32)
+        source = "unused (FGLA features)"
+        label_acc = float(np.mean(res.labels == np.asarray(cap.labels).reshape(-1)))
+        notes.append(f"FGLA label row inferred from the update (argmin of the bias gradient); "
+                     f"correct for {label_acc:.1%} of captures")
+    else:
+        s2, source = resolve_sigma2(cap, sigma2)
+        spe_fields = {k: v for k, v in info.get("spe", {}).items() if k != "noise_rank"}
+        spe_config = SPEConfig(**spe_fields, noise_rank=batch)
+        res = spe_batch(cap.fc_weight_grad, cap.fc_bias_grad, feature_shape=cap.feature_shape,
+                        sigma2=s2, config=spe_config, chunk_size=chunk_size)
+        features = np.asarray(res.features).reshape(cap.n, *cap.feature_shape)
+        noise_strength = np.asarray(res.noise_strength)
     recon = recover_images(model, params, features, noise_strength, batch_size=batch_size)
     os.makedirs(out_dir, exist_ok=True)
     np.savez(os.path.join(out_dir, "reconstructions.npz"), images=recon.astype(np.float32))
@@ -412,21 +456,13 @@ def attack_venom(cap: Capture, *, checkpoint: str, out_dir: str, variant: str | 
     if cap.images is not None and batch == 1:
         truth = cap.images_float()
         metrics.update(image_metrics(recon, truth))
-        if min(recon.shape[1:3]) >= 31:
-            from jaxleak.metrics import lpips
-
-            try:
-                metrics[f"lpips_{lpips_net}"] = np.asarray(lpips(recon, truth, net=lpips_net,
-                                                                 weights_dir=weights_dir))
-            except FileNotFoundError as error:
-                notes.append(f"lpips not computed: {str(error).splitlines()[0]}")
-        else:
-            notes.append(f"lpips not computed: {recon.shape[1]}x{recon.shape[2]} images are below the "
-                         f"31 px the AlexNet backbone needs")
+        metrics.update(lpips_metric(recon, truth, net=lpips_net, weights_dir=weights_dir, notes=notes))
     elif cap.images is None:
         notes.append("the capture holds no true images: no image metrics")
-    metrics["noise_strength"] = noise_strength
+    if feature_kind == "spe":
+        metrics["noise_strength"] = noise_strength
     extra = {
+        "features": feature_kind,
         "attack": trained,
         "checkpoint": os.path.abspath(checkpoint),
         "checkpoint_step": info["step"],
@@ -459,6 +495,7 @@ __all__ = [
     "feature_metrics",
     "image_metrics",
     "layer_inputs",
+    "lpips_metric",
     "load_data",
     "make_victim",
     "recovers_image",

@@ -153,7 +153,7 @@ def test_train_venom_then_attack_end_to_end(tmp_path, capsys):
     assert {"psnr", "ssim", "mse", "asr@0.5"} <= set(metrics["metrics"])
     assert len(metrics["metrics"]["psnr"]["values"]) == 4
     assert metrics["trained_on"]["name"] == "mnist-embedded" and metrics["checkpoint_step"] == 2
-    assert "lpips not computed" in metrics["note"]  # 16x16 is below AlexNet's 31 px
+    assert "upsampled bilinearly from 16x16 to 64x64" in metrics["note"]  # below AlexNet's 31 px
 
     # a checkpoint trained for 16x16 refuses 28x28 captures; the wrong variant and spe+checkpoint too
     caps28 = tmp_path / "caps28.npz"
@@ -166,3 +166,24 @@ def test_train_venom_then_attack_end_to_end(tmp_path, capsys):
     assert code == 2 and "'venom' network" in err
     code, _, err = _run(capsys, "attack", "venom", "--captures", str(caps), "--out", str(tmp_path / "z"))
     assert code == 2 and "--checkpoint" in err
+
+
+def test_train_fgla_uses_label_row_features_end_to_end(tmp_path, capsys):
+    ckpt = tmp_path / "fgla"
+    code, out, err = _run(capsys, "train", "fgla", "--aux-dataset", "mnist-embedded", "--aux-split", "train",
+                          "--aux-n", "40", "--image-size", "16", "--model", "lenet-venom", "--epsilon", "5",
+                          "--steps", "2", "--batch-size", "4", "--eval-size", "8", "--eval-every", "0",
+                          *_TINY_NET, "--quiet", "--out", str(ckpt))
+    assert code == 0, err
+    assert json.loads((ckpt / "config.json").read_text())["triplets"]["features"] == "fgla"
+    caps = tmp_path / "caps.npz"
+    assert _run(capsys, "capture", "--image-size", "16", "--n", "3", "--epsilon", "5", "--quiet",
+                "--out", str(caps))[0] == 0
+    out_dir = tmp_path / "attack"
+    code, out, err = _run(capsys, "attack", "fgla", "--checkpoint", str(ckpt), "--captures", str(caps),
+                          "--out", str(out_dir))
+    assert code == 0, err
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["features"] == "fgla" and "noise_strength" not in metrics["metrics"]
+    assert "FGLA label row inferred" in metrics["note"]
+    assert np.load(out_dir / "reconstructions.npz")["images"].shape == (3, 16, 16, 1)

@@ -1,5 +1,6 @@
 """Attacks that reconstruct private inputs from captured updates."""
 
+from jaxleak.attacks.fgla import FGLAResult, fgla_batch
 from jaxleak.attacks.spe import (
     SPEConfig,
     SPEResult,
@@ -11,9 +12,11 @@ from jaxleak.attacks.spe import (
 )
 
 __all__ = [
+    "FGLAResult",
     "SPEConfig",
     "SPEResult",
     "estimate_noise_variance",
+    "fgla_batch",
     "quantize_noise_strength",
     "spe",
     "spe_batch",

@@ -3,7 +3,8 @@
 For each auxiliary image ``z``: the victim's forward pass and per-example
 gradient, the client's protection (clip + noise at an epsilon drawn per image
 from a set, so one recovery network can serve all of them), SPE on the
-protected head gradient, and the noise strength ``T``. The result
+protected head gradient, and the noise strength ``T`` (or, for the FGLA
+baseline, FGLA's label-row features with ``T = 0``). The result
 ``(x_hat, T, z)`` is what Diff-LRN trains on; nothing is written to disk.
 """
 
@@ -18,9 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
+from jaxleak.attacks.fgla import fgla_features, infer_label
 from jaxleak.attacks.spe import SPEConfig, _spe_single
 from jaxleak.capture.simulate import per_example_grads
 from jaxleak.privacy.mechanisms import DPConfig, protect_update, resolve
+
+
+FEATURES: tuple[str, ...] = ("spe", "fgla")
 
 
 class Triplets(NamedTuple):
@@ -51,6 +56,9 @@ class TripletConfig:
       accountant: DP-SGD accountant used to turn each epsilon into a noise multiplier.
       sigma2: ``"mechanism"`` (SPE is given the noise variance) or ``"estimate"``.
       layer: the dense layer SPE inverts.
+      features: ``"spe"`` (Venom: SPE's structural prior and its ``T``) or
+        ``"fgla"`` (FGLA's offset-corrected label row, label inferred from the
+        update, ``T = 0``; see :mod:`jaxleak.attacks.fgla`).
     """
 
     calibration: str = "paper"
@@ -62,8 +70,11 @@ class TripletConfig:
     accountant: str = "rdp"
     sigma2: str = "mechanism"
     layer: str = "head"
+    features: str = "spe"
 
     def __post_init__(self):
+        if self.features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, got {self.features!r}")
         if self.sigma2 not in ("mechanism", "estimate"):
             raise ValueError(f"sigma2 must be 'mechanism' or 'estimate', got {self.sigma2!r}")
         if self.calibration != "none" and not self.epsilons:
@@ -124,6 +135,16 @@ def _one_triplet(
         noise_scale=scales[i],
     )
     dense = victim.layers[config.layer].select(update)
+    if config.features == "fgla":
+        gw, gb = dense["kernel"].T, dense["bias"]
+        fshape = victim.layers[config.layer].feature_shape
+        feats = fgla_features(gw, gb, infer_label(gb)).reshape(fshape)
+        return Triplets(
+            features=feats,
+            noise_strength=jnp.zeros((), feats.dtype),
+            images=image,
+            epsilon=epsilons[i],
+        )
     estimate = config.sigma2 == "estimate"
     res = _spe_single(
         dense["kernel"].T,
