@@ -192,3 +192,38 @@ def test_mixed_precision_trains_with_float32_params_and_loss(setup):
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(result.params)} == {
         jnp.dtype("float32")
     }
+
+
+def test_triplet_cache_is_built_once_reused_and_refused_for_other_settings(setup, tmp_path):
+    from jaxleak.attacks.venom.train import load_triplet_cache
+
+    victim, variables, images, labels = setup
+    cache = tmp_path / "triplets.npz"
+    kwargs = {"config": TRAIN, "triplet_config": TRIPLETS, "triplet_cache": cache}
+    first = train_recovery_net(NET, victim, variables, images, labels, out_dir=tmp_path / "a", **kwargs)
+    assert cache.is_file()
+    stamp = cache.stat().st_mtime_ns
+    second = train_recovery_net(NET, victim, variables, images, labels, out_dir=tmp_path / "b", **kwargs)
+    assert cache.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    np.testing.assert_array_equal(first.history["loss"], second.history["loss"])
+    assert np.all(np.isfinite(first.history["loss"]))
+    # one fixed triplet per training image (the last eval_size images are held out)
+    with np.load(cache) as data:
+        assert data["features"].shape == (40 - TRAIN.eval_size, *NET.feature_shape)
+    # the cache differs from the on-the-fly run, and the checkpoint says which one it was
+    fresh = train_recovery_net(NET, victim, variables, images, labels, config=TRAIN,
+                               triplet_config=TRIPLETS)
+    assert fresh.history["loss"] != first.history["loss"]
+    assert '"triplet_source": "cache"' in (tmp_path / "a" / "config.json").read_text()
+    # other epsilons or other images: refused with the differing field named
+    other = dataclasses.replace(TRIPLETS, epsilons=(1.0,))
+    with pytest.raises(ValueError, match="epsilons"):
+        train_recovery_net(NET, victim, variables, images, labels, config=TRAIN, triplet_config=other,
+                           triplet_cache=cache)
+    with pytest.raises(ValueError, match="aux_images"):
+        train_recovery_net(NET, victim, variables, images[::-1].copy(), labels[::-1].copy(), config=TRAIN,
+                           triplet_config=TRIPLETS, triplet_cache=cache)
+    with pytest.raises(ValueError, match="not a readable triplet cache"):
+        bad = tmp_path / "bad.npz"
+        bad.write_bytes(b"nope")
+        load_triplet_cache(bad, {})

@@ -240,6 +240,26 @@ def make_update_fn(
     return jax.jit(update)
 
 
+def make_cached_update_fn(model, optimizer, *, config: TrainConfig):
+    """A jitted ``(state, cache: Triplets [N]) -> (state, metrics)`` drawing batches from a triplet cache.
+
+    Same key schedule as :func:`make_update_fn` (``batch_size`` indices per
+    step); the triplets are the cached ones instead of fresh draws.
+    """
+    train_step = make_train_step(
+        model, optimizer, loss=config.loss, mixed_precision=config.mixed_precision
+    )
+
+    def update(state: TrainState, cache: Triplets):
+        key, k_idx, _ = jax.random.split(state.key, 3)
+        n = cache.images.shape[0]
+        idx = jax.random.randint(k_idx, (config.batch_size,), 0, n)
+        batch = jax.tree_util.tree_map(lambda a: a[idx], cache)
+        return train_step(state._replace(key=key), batch)
+
+    return jax.jit(update)
+
+
 def make_eval_fn(model, *, mixed_precision: bool = False):
     """A jitted ``(params, Triplets) -> {"psnr": [], "ssim": []}`` (batch means)."""
     from jaxleak import metrics
@@ -304,7 +324,8 @@ def _compiled(
         spe_config=spe_config,
     )
     evaluate = make_eval_fn(model, mixed_precision=config.mixed_precision)
-    return model, optimizer, update, evaluate
+    cached_update = make_cached_update_fn(model, optimizer, config=config)
+    return model, optimizer, update, cached_update, evaluate
 
 
 # --------------------------------------------------------------------------- checkpoint metadata
@@ -389,6 +410,97 @@ def _restore(manager: ocp.CheckpointManager, abstract: TrainState, path) -> tupl
     return state, dict(restored["history"])
 
 
+# --------------------------------------------------------------------------- triplet cache
+
+_CACHE_FORMAT = "jaxleak-triplet-cache-v1"
+
+
+def _images_digest(images: np.ndarray, labels: np.ndarray) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(images, np.float32).tobytes())
+    h.update(np.ascontiguousarray(labels, np.int32).tobytes())
+    return h.hexdigest()
+
+
+def _tree_digest(tree: PyTree) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h.hexdigest()
+
+
+def build_triplet_cache(
+    victim,
+    victim_variables: PyTree,
+    images: Float[np.ndarray, "n h w c"],
+    labels: Int[np.ndarray, " n"],
+    key: Array,
+    *,
+    triplet_config: TripletConfig,
+    spe_config: SPEConfig,
+    chunk_size: int = 256,
+    progress: bool = False,
+) -> Triplets:
+    """One triplet per auxiliary image (Algorithm 1 done once, as the reference code does).
+
+    Chunk ``c`` uses ``fold_in(key, c)``; the last chunk is padded so one
+    compilation serves every chunk. Returns host (NumPy) arrays.
+    """
+    triplet_fn = make_triplet_fn(victim, triplet_config, spe_config)
+    n = images.shape[0]
+    size = min(int(chunk_size), n)
+    parts = []
+    starts = range(0, n, size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="triplet cache", unit="chunk")
+    for c, start in enumerate(starts):
+        stop = min(start + size, n)
+        x, y = images[start:stop], labels[start:stop]
+        if stop - start < size:
+            x = np.concatenate([x, np.repeat(x[-1:], size - (stop - start), 0)])
+            y = np.concatenate([y, np.repeat(y[-1:], size - (stop - start), 0)])
+        out = triplet_fn(victim_variables, jnp.asarray(x), jnp.asarray(y), jax.random.fold_in(key, c))
+        parts.append(jax.tree_util.tree_map(lambda a, k=stop - start: np.asarray(a)[:k], out))
+    return Triplets(*(np.concatenate(f) for f in zip(*parts)))
+
+
+def save_triplet_cache(path: str | Path, triplets: Triplets, description: dict[str, Any]) -> None:
+    """Writes a triplet cache ``.npz`` (arrays + a JSON ``meta`` string; no pickles)."""
+    meta = json.dumps({"format": _CACHE_FORMAT, **description}, sort_keys=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, meta=np.asarray(meta), **{k: np.asarray(v) for k, v in triplets._asdict().items()})
+    tmp.replace(path)
+
+
+def load_triplet_cache(path: str | Path, description: dict[str, Any]) -> Triplets:
+    """Reads a cache written by :func:`save_triplet_cache`, refusing one made for other settings.
+
+    Raises:
+      ValueError: unreadable file, other format, or a description (victim,
+        triplet/SPE config, auxiliary images) that differs from ``description``.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            arrays = {k: data[k] for k in Triplets._fields}
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable triplet cache: {error}") from error
+    if meta.pop("format", None) != _CACHE_FORMAT:
+        raise ValueError(f"{path} is not a triplet cache of format {_CACHE_FORMAT}")
+    diffs = _differences(meta, json.loads(json.dumps(description, sort_keys=True)))
+    if diffs:
+        raise ValueError(f"triplet cache {path} was made for other settings: " + "; ".join(diffs))
+    return Triplets(**arrays)
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -424,6 +536,7 @@ def train_recovery_net(
     resume: bool = False,
     until: int | None = None,
     info: dict[str, Any] | None = None,
+    triplet_cache: str | Path | None = None,
     progress: bool = False,
 ) -> TrainResult:
     """Trains a recovery network on triplets made on the fly from auxiliary images.
@@ -447,6 +560,11 @@ def train_recovery_net(
         ``config.steps``; for splitting a run into pieces.
       info: JSON-ready extra description stored in ``config.json`` (victim
         name, options, init seed, auxiliary dataset name/split/source).
+      triplet_cache: a ``.npz`` path. Instead of fresh triplets every step,
+        train on one fixed triplet per auxiliary image (the reference code's
+        offline dataset), built once and saved there, or loaded when the file
+        exists and was made for the same victim, triplet/SPE settings, seed and
+        auxiliary images. ``None`` (default): triplets on the fly.
       progress: show a tqdm bar with the loss and the last eval PSNR.
 
     Returns:
@@ -491,10 +609,34 @@ def train_recovery_net(
         raise ValueError(f"until must be in [1, steps={config.steps}], got {until}")
     last = config.steps if until is None else int(until)
 
-    model, optimizer, update, evaluate = _compiled(
+    model, optimizer, update, cached_update, evaluate = _compiled(
         net_config, victim, _step_relevant(config), triplet_config, spe_config
     )
     description = _describe(net_config, config, triplet_config, spe_config, info)
+    if triplet_cache is not None:  # on-the-fly runs keep the description they always had
+        description["triplet_source"] = "cache"
+
+    cache = None
+    if triplet_cache is not None:
+        cache_description = {
+            "victim": victim.metadata(),
+            "victim_variables": _tree_digest(victim_variables),
+            "triplets": _config_dict(triplet_config),
+            "spe": _config_dict(spe_config),
+            "seed": config.seed,
+            "aux_images": _images_digest(images, labels),
+            "n": int(images.shape[0]),
+        }
+        if Path(triplet_cache).is_file():
+            cache = load_triplet_cache(triplet_cache, cache_description)
+        else:
+            cache_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0xCAC4E)
+            cache = build_triplet_cache(
+                victim, victim_variables, images, labels, cache_key,
+                triplet_config=triplet_config, spe_config=spe_config, progress=progress,
+            )
+            save_triplet_cache(triplet_cache, cache, cache_description)
+        cache = jax.tree_util.tree_map(jnp.asarray, cache)
 
     manager = None
     state, history = None, _empty_history()
@@ -546,7 +688,10 @@ def train_recovery_net(
         bar = tqdm(total=last, initial=start, desc=f"train {net_config.variant}", unit="step")
     try:
         while int(state.step) < last:
-            state, metrics = update(state, victim_variables, images_dev, labels_dev)
+            if cache is not None:
+                state, metrics = cached_update(state, cache)
+            else:
+                state, metrics = update(state, victim_variables, images_dev, labels_dev)
             step = int(state.step)
             loss = float(metrics["loss"])
             history["step"].append(step)
@@ -627,8 +772,10 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainState",
+    "build_triplet_cache",
     "init_state",
     "load_recovery_net",
+    "load_triplet_cache",
     "make_eval_fn",
     "make_optimizer",
     "make_train_step",
@@ -636,5 +783,6 @@ __all__ = [
     "network_config_from_info",
     "read_checkpoint_info",
     "reconstruction_loss",
+    "save_triplet_cache",
     "train_recovery_net",
 ]
