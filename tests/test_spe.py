@@ -1,6 +1,7 @@
 """Venom's Structural Prior Extraction: exact cases, a float64 PyWavelets reference, batching."""
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -45,14 +46,18 @@ def _noisy_head(rng, num_classes, feature_shape, sigma):
     return gw.astype(np.float32), gb.astype(np.float32)
 
 
-def _reference_refine(fmap, wavelet="db4", levels=2):
+def _reference_refine(fmap, wavelet="db4", levels=2, clamp=False):
     h, w, _ = fmap.shape
-    used = min(levels, pywt.dwt_max_level(min(h, w), pywt.Wavelet(wavelet).dec_len))
+    used = levels
+    if clamp:
+        used = min(levels, pywt.dwt_max_level(min(h, w), pywt.Wavelet(wavelet).dec_len))
     if used == 0:
         return fmap.copy()
     out = np.empty_like(fmap)
     for ch in range(fmap.shape[2]):
-        coeffs = pywt.wavedec2(fmap[..., ch], wavelet, level=used)
+        with warnings.catch_warnings():  # "Level value of 2 is too high" on small maps
+            warnings.simplefilter("ignore", UserWarning)
+            coeffs = pywt.wavedec2(fmap[..., ch], wavelet, level=used)
         thr = np.median(np.abs(coeffs[-1][2])) / 0.6745 * np.sqrt(2 * np.log(h * w))
         coeffs = [coeffs[0]] + [
             tuple(pywt.threshold(b, thr, "soft") for b in d) for d in coeffs[1:]
@@ -205,8 +210,11 @@ def test_wavelet_refine_matches_pywavelets_per_channel():
         np.testing.assert_allclose(
             got, _reference_refine(fmap.astype(np.float64), levels=levels), atol=1e-5
         )
-    small = jnp.asarray(fmap[:6, :6])  # below the db4 filter: returned unchanged
-    np.testing.assert_array_equal(wavelet_refine(small), small)
+    small = fmap[:6, :6]  # below the db4 filter: PyWavelets' boundary-effect levels, or clamped away
+    np.testing.assert_allclose(
+        wavelet_refine(jnp.asarray(small)), _reference_refine(small.astype(np.float64)), atol=1e-5
+    )
+    np.testing.assert_array_equal(wavelet_refine(jnp.asarray(small), clamp_levels=True), small)
 
 
 def _smooth_map(h, w, c):
@@ -355,15 +363,21 @@ def test_spe_is_jit_compatible():
 
 
 @pytest.mark.parametrize(
-    "feature_shape,refined",
-    [((64, 64, 16), True), ((8, 8, 12), False), ((4, 4, 512), False), ((28, 28, 1), True)],
+    "feature_shape,clamp,refined",
+    [
+        ((64, 64, 16), False, True),
+        ((8, 8, 12), False, True),
+        ((8, 8, 12), True, False),
+        ((4, 4, 512), True, False),
+        ((28, 28, 1), True, True),
+    ],
 )
-def test_feature_map_shapes(feature_shape, refined):
+def test_feature_map_shapes(feature_shape, clamp, refined):
     rng = np.random.default_rng(0)
     n, k, d = 2, 10, math.prod(feature_shape)
     gw = rng.standard_normal((n, k, d)).astype(np.float32) * 1e-3
     gb = rng.standard_normal((n, k)).astype(np.float32)
-    out = spe_batch(gw, gb, feature_shape=feature_shape)
+    out = spe_batch(gw, gb, feature_shape=feature_shape, config=SPEConfig(clamp_levels=clamp))
     assert out.features_raw.shape == (n, d) and out.features.shape == (n, *feature_shape)
     assert out.noise_strength.shape == out.sigma2.shape == out.fallback.shape == (n,)
     assert out.selected.shape == (n, k) and out.selected.dtype == jnp.bool_

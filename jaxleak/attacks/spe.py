@@ -58,9 +58,14 @@ class SPEConfig:
 
     Attributes:
       wavelet: PyWavelets wavelet of ``WaveletRefine``.
-      levels: requested decomposition levels; the levels used are
-        ``min(levels, max_level(H, W, wavelet))`` and refinement is skipped when
-        that is 0 (feature maps smaller than the filter, e.g. 8x8 or 4x4 with db4).
+      levels: decomposition levels of ``WaveletRefine``.
+      clamp_levels: ``False`` (default, as the public code's
+        ``pywt.wavedec2(x, "db4", level=2)``): always ``levels`` levels, also on
+        maps smaller than the filter (e.g. the 7x7 and 8x8 head maps of
+        ``lenet-venom`` at 28 and 32 px), where PyWavelets warns that boundary
+        effects reach every coefficient and computes them anyway. ``True``:
+        ``min(levels, max_level(H, W, wavelet))`` and no refinement (``T = 0``)
+        when that is 0.
       gamma_t: ``gamma_T`` of the noise strength (eq. 7).
       refine: return the refined map ``c`` as features (``True``) or the raw fused
         map ``x`` (``False``). The noise strength uses ``c`` either way.
@@ -70,6 +75,7 @@ class SPEConfig:
 
     wavelet: str = "db4"
     levels: int = 2
+    clamp_levels: bool = False
     gamma_t: float = 2.0
     refine: bool = True
     noise_rank: int = 1
@@ -85,6 +91,8 @@ class SPEConfig:
             raise ValueError(f"gamma_t must be finite and >= 0, got {self.gamma_t}")
         if not isinstance(self.refine, bool):
             raise TypeError(f"refine must be a bool, got {self.refine!r}")
+        if not isinstance(self.clamp_levels, bool):
+            raise TypeError(f"clamp_levels must be a bool, got {self.clamp_levels!r}")
         if not isinstance(self.noise_rank, int) or self.noise_rank < 1:
             raise ValueError(f"noise_rank must be an int >= 1, got {self.noise_rank!r}")
 
@@ -106,7 +114,8 @@ class SPEResult(NamedTuple):
       fallback: ``[]`` bool, True when eq. 4 selected nothing and ``S = {argmax E}``
         (Algorithm 1 line 8, where the paper also sets ``T = T_max``; that choice is
         left to the caller).
-      refined: ``[]`` bool, False when the map is too small for one wavelet level
+      refined: ``[]`` bool, False when no wavelet level was applied (a map too
+        small for one level under ``clamp_levels``)
         and ``c = x``.
     """
 
@@ -249,14 +258,18 @@ def estimate_noise_variance(
 # ------------------------------------------------------------- WaveletRefine
 
 
-def refinement_levels(height: int, width: int, wavelet: str = "db4", levels: int = 2) -> int:
-    """Levels ``WaveletRefine`` uses: ``min(levels, max_level(height, width, wavelet))``.
+def refinement_levels(
+    height: int, width: int, wavelet: str = "db4", levels: int = 2, clamp: bool = False
+) -> int:
+    """Levels ``WaveletRefine`` uses: ``levels``, or with ``clamp`` ``min(levels, max_level)``.
 
-    0 means the map is smaller than the filter and refinement is skipped.
+    With ``clamp`` 0 means the map is smaller than the filter and refinement is skipped.
 
-    >>> refinement_levels(64, 64), refinement_levels(28, 28), refinement_levels(8, 8)
-    (2, 2, 0)
+    >>> refinement_levels(8, 8), refinement_levels(8, 8, clamp=True), refinement_levels(28, 28, clamp=True)
+    (2, 0, 2)
     """
+    if not clamp:
+        return int(levels)
     return min(levels, max_level(height, width, wavelet))
 
 
@@ -277,7 +290,11 @@ def _refine_channel(channel: Float[Array, "h w"], wavelet: str, levels: int) -> 
 
 
 def wavelet_refine(
-    feature_map: Float[Array, "h w c"], *, wavelet: str = "db4", levels: int = 2
+    feature_map: Float[Array, "h w c"],
+    *,
+    wavelet: str = "db4",
+    levels: int = 2,
+    clamp_levels: bool = False,
 ) -> Float[Array, "h w c"]:
     """``WaveletRefine``: per-channel wavelet soft-threshold denoising.
 
@@ -285,13 +302,16 @@ def wavelet_refine(
     ``sigma_hat = median(|cD_1|) / 0.6745`` from the finest diagonal band, universal
     soft threshold ``sigma_hat * sqrt(2 ln N)`` with ``N = H * W`` (pixels of
     one channel map) on every detail band of every level (the approximation is
-    kept), inverse DWT, crop to ``H x W``. ``levels`` is clipped to
-    :func:`refinement_levels`; when that is 0 the map is returned unchanged.
+    kept), inverse DWT, crop to ``H x W``, exactly as PyWavelets computes it
+    (also for ``levels`` above the map's useful maximum). With ``clamp_levels``
+    the levels are clipped by :func:`refinement_levels` and a map smaller than
+    the filter is returned unchanged.
 
     Args:
       feature_map: ``(H, W, C)`` map.
       wavelet: PyWavelets wavelet name.
-      levels: requested decomposition levels.
+      levels: decomposition levels.
+      clamp_levels: clip ``levels`` to the useful maximum (see :class:`SPEConfig`).
 
     Returns:
       The refined map, same shape.
@@ -299,7 +319,7 @@ def wavelet_refine(
     if feature_map.ndim != 3:
         raise ValueError(f"feature_map must be (H, W, C), got shape {feature_map.shape}")
     height, width, _ = feature_map.shape
-    used = refinement_levels(height, width, wavelet, levels)
+    used = refinement_levels(height, width, wavelet, levels, clamp_levels)
     if used == 0:
         return feature_map
     refine = functools.partial(_refine_channel, wavelet=wavelet, levels=used)
@@ -352,7 +372,9 @@ def _spe_single(
     selected, fallback = select_classes(energy)
     raw = fuse(fc_weight_grad, fc_bias_grad, selected, energy, sigma2)
     fmap = raw.reshape(feature_shape)
-    levels = refinement_levels(feature_shape[0], feature_shape[1], config.wavelet, config.levels)
+    levels = refinement_levels(
+        feature_shape[0], feature_shape[1], config.wavelet, config.levels, config.clamp_levels
+    )
     prior = wavelet_refine(fmap, wavelet=config.wavelet, levels=levels) if levels else fmap
     return SPEResult(
         features_raw=raw,
