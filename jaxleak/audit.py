@@ -5,6 +5,7 @@ Plain functions that the CLI (and users' scripts) call with plain values.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -295,6 +296,7 @@ def train_recovery(variant: str, aux, *, model: str, out: str, width: int | None
                    dp_lr: float = 1e-3, accountant: str = "rdp", sigma2: str = "mechanism",
                    layer: str = "head", network: dict[str, Any] | None = None,
                    train: dict[str, Any] | None = None, eval_data=None, resume: bool = False,
+                   triplet_cache: str | None = None, spe: dict[str, Any] | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """Trains a Venom recovery network on the auxiliary dataset ``aux`` into ``out``.
 
@@ -311,6 +313,10 @@ def train_recovery(variant: str, aux, *, model: str, out: str, width: int | None
       train: extra :class:`TrainConfig` fields (steps, batch_size, ...).
       eval_data: held-out dataset; default: the last ``eval_size`` aux images.
       resume: continue the run in ``out``.
+      triplet_cache: ``.npz`` path: train on one fixed triplet per auxiliary
+        image, built once there (or reused); ``None``: fresh triplets every step.
+      spe: :class:`SPEConfig` fields for the triplets (stored in the checkpoint;
+        attacks with the network use the same SPE settings).
       progress: tqdm bar.
 
     Returns:
@@ -343,9 +349,10 @@ def train_recovery(variant: str, aux, *, model: str, out: str, width: int | None
         eval_images, eval_labels = eval_data.images, eval_data.labels
         info["eval_dataset"] = {"name": eval_data.name, "split": eval_data.split, "source": eval_data.source}
     result = train_recovery_net(net_config, victim, variables, aux.images, aux.labels, config=train_config,
-                                triplet_config=triplet_config, spe_config=SPEConfig(), eval_images=eval_images,
+                                triplet_config=triplet_config, spe_config=SPEConfig(**(spe or {})),
+                                eval_images=eval_images,
                                 eval_labels=eval_labels, out_dir=out, resume=resume, info=info,
-                                progress=progress)
+                                triplet_cache=triplet_cache, progress=progress)
     h = result.history
     return {"checkpoint": os.path.abspath(out), "variant": variant, "step": result.step,
             "final_loss": h["loss"][-1] if h["loss"] else None,
@@ -486,7 +493,129 @@ def attack_venom(cap: Capture, *, checkpoint: str, out_dir: str, variant: str | 
             "trained_on": info.get("aux_dataset"), "means": means}
 
 
+OPTIMIZATION_ATTACKS = ("dlg", "idlg", "ig", "gradinversion", "grnn", "mjolnir")
+
+
+def _capture_variables(cap: Capture, attack: str):
+    """The victim and its variables for an optimisation attack, or a one-line ``ValueError``."""
+    if not cap.update:
+        raise ValueError(f"attack {attack} matches the whole update, but the capture holds only the head's "
+                         f"gradient: capture with --keep-update")
+    rebuilt = victim_from_capture(cap)
+    if rebuilt is None:
+        raise ValueError(f"attack {attack} needs the victim's weights: capture with --keep-params, or keep "
+                         f"meta.init_seed / an existing meta.checkpoint (model {cap.meta.get('model')!r})")
+    return rebuilt
+
+
+def attack_optimization(cap: Capture, attack: str, *, out_dir: str, overrides: dict[str, Any] | None = None,
+                        null: str | None = None, match_metric: str = "psnr", chunk: int = 100,
+                        target_batch: int = 16, patience: int | None = None, min_delta: float = 1e-4,
+                        seed: int = 0, progress: bool = False, batching: str = "vmap",
+                        unroll: int = 1) -> dict[str, Any]:
+    """An optimisation attack (DLG, iDLG, IG, GradInversion, GRNN, Mjolnir) on every capture.
+
+    Writes ``reconstructions.npz`` (``images`` ``[N, H, W, C]`` or ``[N, B, H, W, C]``
+    in [0, 1], ``labels``, ``matching_loss``, ``best_iteration``) and ``metrics.json``
+    (per image PSNR / SSIM / MSE / label correctness when the capture holds the
+    images; timing and the config in the header).
+
+    Args:
+      cap: captures holding the whole update (``--keep-update``) and a way to
+        rebuild the victim's variables (``--keep-params``, ``meta.init_seed`` or
+        ``meta.checkpoint``).
+      attack: one of :data:`OPTIMIZATION_ATTACKS`.
+      out_dir: output folder.
+      overrides: config fields to change from the reference setting.
+      null: ``None``, or ``"shuffle"`` / ``"noise"`` to run the null control
+        (:func:`jaxleak.attacks.optimization.null_updates`) instead of the real updates.
+      match_metric: metric the Hungarian assignment maximises for client batches B > 1.
+      chunk, target_batch, patience, min_delta, seed, progress, batching, unroll: the driver's options
+        (:class:`jaxleak.attacks.optimization.RunOptions`).
+
+    Returns:
+      A JSON-ready summary (what was written, metric means, timing).
+    """
+    from jaxleak.attacks import optimization as opt
+    from jaxleak.report.summary import write_metrics_json
+
+    if attack not in OPTIMIZATION_ATTACKS:
+        raise ValueError(f"unknown optimisation attack {attack!r}; known: {', '.join(OPTIMIZATION_ATTACKS)}")
+    victim, variables = _capture_variables(cap, attack)
+    updates = jax.tree_util.tree_map(np.asarray, unflatten_tree(cap.update))
+    opt.check_updates(victim, variables, updates)
+    batch = int(cap.meta.get("batch_size", 1))
+    true_labels = np.asarray(cap.labels).reshape(cap.n, batch)
+    if null is not None:
+        updates = opt.null_updates(updates, kind=null, seed=seed)
+    if attack == "mjolnir":
+        from jaxleak.attacks.optimization import mjolnir
+
+        config, res, extra_info = mjolnir.reconstruct_capture(
+            cap, victim, variables, updates, overrides=overrides or {}, chunk=chunk,
+            target_batch=target_batch, patience=patience, min_delta=min_delta, seed=seed, progress=progress,
+            batching=batching, unroll=unroll)
+    else:
+        config = opt.default_config(attack, **(overrides or {}))
+        res = opt.reconstruct(attack, victim, variables, updates, config=config, batch_size=batch,
+                              true_labels=true_labels, chunk=chunk, target_batch=target_batch,
+                              patience=patience, min_delta=min_delta, seed=seed, progress=progress,
+                              batching=batching, unroll=unroll)
+        extra_info = {}
+    recon = np.clip(res.images, 0.0, 1.0).astype(np.float32)
+    labels = np.asarray(res.label_probs).argmax(-1)
+    truth = None if cap.images is None else cap.images_float().reshape(cap.n, batch, *cap.image_shape)
+    if truth is not None and batch > 1:
+        for i in range(cap.n):
+            perm = opt.match_batch(recon[i], truth[i], metric=match_metric)
+            recon[i], labels[i] = recon[i][perm], labels[i][perm]
+    os.makedirs(out_dir, exist_ok=True)
+    np.savez(os.path.join(out_dir, "reconstructions.npz"),
+             images=recon[:, 0] if batch == 1 else recon, labels=labels[:, 0] if batch == 1 else labels,
+             matching_loss=res.loss, best_iteration=res.best_iteration)
+    metrics: dict[str, np.ndarray] = {}
+    notes = []
+    if truth is not None:
+        flat = lambda a: a.reshape(cap.n * batch, *a.shape[2:])
+        if min(cap.image_shape[:2]) >= 11:
+            metrics.update(image_metrics(flat(recon), flat(truth)))
+        else:
+            from jaxleak import metrics as image_metric_fns
+
+            for name in ("psnr", "mse"):
+                metrics[name] = np.asarray(getattr(image_metric_fns, name)(flat(recon), flat(truth)))
+            notes.append(f"no SSIM: {cap.image_shape[0]}x{cap.image_shape[1]} images are below its 11x11 window")
+    else:
+        notes.append("the capture holds no true images: no image metrics")
+    metrics["label_correct"] = (labels == true_labels).reshape(-1).astype(np.float32)
+    metrics["matching_loss"] = np.repeat(np.asarray(res.loss, np.float32), batch)
+    if batch > 1:
+        notes.append(f"client batches of B={batch}: reconstructions assigned to originals by the Hungarian "
+                     f"algorithm on {match_metric}")
+    if null is not None:
+        notes.append(f"NULL CONTROL ({null}): the attacked updates carry no information about the images; "
+                     f"these scores are the floor leakage must be measured against")
+    extra = {
+        "attack": attack,
+        "config": _json_ready(dataclasses.asdict(config)),
+        "null_control": null,
+        "timing": res.timing(),
+        "captures": cap.meta,
+        "calibration": cap.meta.get("calibration"),
+        "epsilon": cap.meta.get("epsilon"),
+        **extra_info,
+    }
+    if notes:
+        extra["note"] = "; ".join(notes)
+    write_metrics_json(os.path.join(out_dir, "metrics.json"), metrics, extra=extra)
+    means = {k: float(np.nanmean(np.where(np.isinf(v), np.nan, v))) for k, v in metrics.items()}
+    return {"out": out_dir, "written": ["reconstructions.npz", "metrics.json"], "n": cap.n, "attack": attack,
+            "null_control": null, "timing": res.timing(), "means": means}
+
+
 __all__ = [
+    "OPTIMIZATION_ATTACKS",
+    "attack_optimization",
     "attack_spe",
     "attack_venom",
     "bench_capture",
@@ -495,8 +624,8 @@ __all__ = [
     "feature_metrics",
     "image_metrics",
     "layer_inputs",
-    "lpips_metric",
     "load_data",
+    "lpips_metric",
     "make_victim",
     "recovers_image",
     "resolve_sigma2",

@@ -156,6 +156,8 @@ def cmd_attack(args) -> int:
     from jaxleak import audit
     from jaxleak.capture import load_capture
 
+    if args.attack in _OPTIMIZATION_ATTACKS:
+        return cmd_attack_optimization(args)
     if args.attack == "spe" and args.checkpoint:
         raise CLIError("attack spe takes no --checkpoint (it has no trained network)")
     if args.attack != "spe" and not args.checkpoint:
@@ -179,6 +181,87 @@ def cmd_attack(args) -> int:
         levels=args.levels, chunk_size=args.chunk_size)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+_OPTIMIZATION_ATTACKS = ("dlg", "idlg", "ig", "gradinversion", "grnn", "mjolnir")
+
+
+def _parse_overrides(items: Sequence[str] | None) -> dict:
+    """``KEY=VALUE`` strings -> config overrides (JSON values; comma lists for layers/layer_weights)."""
+    out: dict = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise CLIError(f"--set expects KEY=VALUE, got {item!r}")
+        if key == "layers":
+            out[key] = tuple(t for t in text.split(",") if t)
+        elif key == "layer_weights":
+            try:
+                out[key] = tuple(float(t) for t in text.split(",") if t)
+            except ValueError:
+                raise CLIError(f"--set layer_weights expects comma-separated numbers, got {text!r}") from None
+        else:
+            try:
+                out[key] = json.loads(text)
+            except json.JSONDecodeError:
+                out[key] = text
+    return out
+
+
+def cmd_attack_optimization(args) -> int:
+    from jaxleak import audit
+    from jaxleak.capture import load_capture
+
+    if args.checkpoint:
+        raise CLIError(f"attack {args.attack} takes no --checkpoint (it optimises from scratch)")
+    overrides = _parse_overrides(args.set)
+    for name in ("iterations", "restarts", "labels"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    cap = load_capture(args.captures)
+    try:
+        summary = audit.attack_optimization(
+            cap, args.attack, out_dir=args.out, overrides=overrides, null=args.null,
+            match_metric=args.match_metric, chunk=args.scan_chunk, target_batch=args.target_batch,
+            patience=args.patience, min_delta=args.min_delta, seed=args.attack_seed,
+            progress=not args.quiet, batching=args.batching,
+            unroll=args.unroll)
+    except TypeError as e:  # an unknown config field in --set
+        raise CLIError(f"bad --set for {args.attack}: {e}") from None
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _add_optimization_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimisation attacks (dlg, idlg, ig, gradinversion, grnn, mjolnir); "
+                             "defaults: the reference settings")
+    g.add_argument("--iterations", type=_positive_int, default=None,
+                   help="optimisation steps per target (reference: dlg 300, ig 24000, gradinversion 20000, "
+                        "grnn 1000)")
+    g.add_argument("--restarts", type=_positive_int, default=None, help="random initialisations per target")
+    g.add_argument("--labels", choices=("known", "infer", "joint"), default=None,
+                   help="labels given (known), read off the head gradient (infer) or optimised (joint)")
+    g.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="any other config field, e.g. --set tv=1e-4 --set layers=conv0,head (repeatable)")
+    g.add_argument("--null", choices=("shuffle", "noise"), default=None,
+                   help="null control: attack the update of another client (shuffle) or pure noise of the "
+                        "observed scale (noise) instead of the real one")
+    g.add_argument("--match-metric", choices=("psnr", "ssim", "mse"), default="psnr",
+                   help="Hungarian assignment of reconstructions to originals for client batches B > 1")
+    g.add_argument("--scan-chunk", type=_positive_int, default=100, help="iterations per compiled call")
+    g.add_argument("--target-batch", type=_positive_int, default=16, help="targets attacked at once (vmap)")
+    g.add_argument("--patience", type=_positive_int, default=None,
+                   help="stop when the best matching loss has not improved for this many iterations")
+    g.add_argument("--min-delta", type=float, default=1e-4, help="relative improvement that resets --patience")
+    g.add_argument("--attack-seed", type=_nonneg_int, default=0, help="seed of the initialisations")
+    g.add_argument("--batching", choices=("vmap", "map"), default="vmap",
+                   help="targets of a block as one vectorised program (vmap) or one after another in the "
+                        "same compiled call (map; faster for conv victims on CPU). Same results.")
+    g.add_argument("--unroll", type=_positive_int, default=1,
+                   help="iterations unrolled per loop trip; on CPU, --scan-chunk 10 --unroll 10 avoids "
+                        "XLA:CPU's slow convolutions inside loops (longer compile)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def cmd_train(args) -> int:
@@ -208,7 +291,8 @@ def cmd_train(args) -> int:
         victim_checkpoint=args.victim_checkpoint, init_seed=args.init_seed, calibration=calibration,
         mechanism=args.mechanism, epsilons=tuple(epsilons), delta=args.delta, clip=args.clip,
         dp_lr=args.dp_lr, accountant=args.accountant, sigma2=args.sigma2, layer=args.layer,
-        network=network, train=train, eval_data=eval_data, resume=args.resume, progress=not args.quiet)
+        network=network, train=train, eval_data=eval_data, resume=args.resume,
+        triplet_cache=args.triplet_cache, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -358,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixed-precision", action="store_true", help="bfloat16 compute for the network")
     p.add_argument("--out", required=True, help="checkpoint folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--triplet-cache", metavar="FILE.npz", default=None,
+                   help="train on one fixed triplet per auxiliary image, built once into FILE.npz (reused when "
+                        "it exists and matches); default: fresh triplets every step")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -365,8 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run an attack on a capture file. spe writes features.npz, and "
                                    "reconstructions.npz + metrics.json when images are recovered; venom, "
                                    "venom-diff and fgla run SPE then the network of --checkpoint and write "
-                                   "reconstructions.npz + metrics.json.")
-    p.add_argument("attack", choices=("spe", "venom", "venom-diff", "fgla"),
+                                   "reconstructions.npz + metrics.json. dlg, idlg, ig, gradinversion, grnn and "
+                                   "mjolnir optimise dummy images until their gradient matches the whole "
+                                   "update (captures made with --keep-update) and write the same files.")
+    p.add_argument("attack", choices=("spe", "venom", "venom-diff", "fgla", *_OPTIMIZATION_ATTACKS),
                    help="spe: Venom's Structural Prior Extraction; venom/venom-diff/fgla: SPE + a network "
                         "trained by `jaxleak train`")
     p.add_argument("--checkpoint", default=None, help="recovery-network folder from `jaxleak train`")
@@ -382,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wavelet", default="db4")
     p.add_argument("--levels", type=_positive_int, default=2)
     p.add_argument("--chunk-size", type=_positive_int, default=512)
+    _add_optimization_options(p)
     p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("bench", help="measure throughput (prints one JSON line)")

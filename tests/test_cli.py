@@ -173,14 +173,15 @@ def test_train_fgla_uses_label_row_features_end_to_end(tmp_path, capsys):
     code, out, err = _run(capsys, "train", "fgla", "--aux-dataset", "mnist-embedded", "--aux-split", "train",
                           "--aux-n", "40", "--image-size", "16", "--model", "lenet-venom", "--epsilon", "5",
                           "--steps", "2", "--batch-size", "4", "--eval-size", "8", "--eval-every", "0",
-                          *_TINY_NET, "--quiet", "--out", str(ckpt))
+                          *_TINY_NET, "--triplet-cache", str(tmp_path / "trip.npz"), "--quiet", "--out", str(ckpt))
     assert code == 0, err
     assert json.loads((ckpt / "config.json").read_text())["triplets"]["features"] == "fgla"
+    assert (tmp_path / "trip.npz").is_file()
     caps = tmp_path / "caps.npz"
     assert _run(capsys, "capture", "--image-size", "16", "--n", "3", "--epsilon", "5", "--quiet",
                 "--out", str(caps))[0] == 0
     out_dir = tmp_path / "attack"
-    code, out, err = _run(capsys, "attack", "fgla", "--checkpoint", str(ckpt), "--captures", str(caps),
+    code, _, err = _run(capsys, "attack", "fgla", "--checkpoint", str(ckpt), "--captures", str(caps),
                           "--out", str(out_dir))
     assert code == 0, err
     metrics = json.loads((out_dir / "metrics.json").read_text())

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         gw, gb = jnp.asarray(cap.fc_weight_grad), jnp.asarray(cap.fc_bias_grad)
         s2 = float(cap.meta["noise_std"]) ** 2
 
-        def run_spe():
+        def run_spe(gw=gw, gb=gb, s2=s2):
             return spe_batch(gw, gb, feature_shape=fshape, sigma2=s2, config=SPEConfig())
 
         t = time.perf_counter()
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
         jax.block_until_ready(infer(params, feats, tt))
         net_compile = time.perf_counter() - t
         spe_s = _median_seconds(run_spe, args.repeats)
-        net_s = _median_seconds(lambda: infer(params, feats, tt), args.repeats)
+        net_s = _median_seconds(lambda f=feats, t=tt: infer(params, f, t), args.repeats)
         total = spe_s + net_s
         print(json.dumps({
             "device": f"{device.platform}:{getattr(device, 'device_kind', '')}",

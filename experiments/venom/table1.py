@@ -60,6 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--multipliers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--loss", default="mse+cos", choices=("mse", "mse+cos"),
                    help="Venom / Venom-Diff loss (FGLA always trains with MSE)")
+    p.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=NETWORKS,
+                   help="which recovery networks to train and evaluate")
+    p.add_argument("--clamp-levels", action="store_true",
+                   help="ablation: SPEConfig(clamp_levels=True) for the networks' SPE (cell name gets -clamp)")
     p.add_argument("--runs", default=str(HERE / "runs"), help="checkpoints and per-run outputs (not committed)")
     p.add_argument("--results", default=str(HERE / "results"))
     p.add_argument("--quick", action="store_true", help="tiny smoke run (mnist-embedded, 20 steps, 16 images)")
@@ -67,7 +71,10 @@ def parse_args(argv=None):
     if args.quick:
         args.dataset, args.aux_n, args.n, args.seeds = "mnist-embedded", 300, 16, [0]
         args.steps, args.batch_size, args.base_width, args.multipliers = 20, 8, 8, [1, 2]
-        args.runs, args.results = "/tmp/jaxleak-venom-quick/runs", "/tmp/jaxleak-venom-quick/results"
+        if args.runs == str(HERE / "runs"):
+            args.runs = "/tmp/jaxleak-venom-quick/runs"
+        if args.results == str(HERE / "results"):
+            args.results = "/tmp/jaxleak-venom-quick/results"
     return args
 
 
@@ -80,7 +87,7 @@ def train_networks(args, cell: Path) -> dict[str, str]:
             raise
         aux = audit.load_data(args.dataset, split="train", seed=0)
     out = {}
-    for variant in NETWORKS:
+    for variant in args.networks:
         ckpt = cell / variant
         done = ckpt / "DONE"
         out[variant] = str(ckpt)
@@ -98,7 +105,8 @@ def train_networks(args, cell: Path) -> dict[str, str]:
         summary = audit.train_recovery(
             variant, aux, model=args.model, out=str(ckpt), calibration=args.calibration,
             epsilons=tuple(args.epsilons), delta=1e-5, network=network, train=train,
-            resume=(ckpt / "config.json").exists(), progress=True)
+            resume=(ckpt / "config.json").exists(), spe={"clamp_levels": args.clamp_levels},
+            progress=True)
         summary["train_seconds_this_process"] = round(time.time() - start, 1)
         done.write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps(summary), flush=True)
@@ -120,7 +128,8 @@ def _means(metrics_file: Path) -> dict[str, float]:
 
 def evaluate(args, cell: Path, checkpoints: dict[str, str]) -> dict:
     victim = None
-    per_seed: dict[str, dict[str, list[dict]]] = {m: {str(e): [] for e in args.epsilons} for m in METHODS}
+    methods = ("spe", *args.networks)
+    per_seed: dict[str, dict[str, list[dict]]] = {m: {str(e): [] for e in args.epsilons} for m in methods}
     for seed in args.seeds:
         data = audit.load_data(args.dataset, split="test", n=args.n, seed=1000 + seed)
         for eps in args.epsilons:
@@ -146,7 +155,7 @@ def evaluate(args, cell: Path, checkpoints: dict[str, str]) -> dict:
                 spe_file.write_text(json.dumps({k: float(np.nanmean(x)) for k, x in fm.items()}
                                                | {"sigma2_source": source}) + "\n")
             per_seed["spe"][str(eps)].append(json.loads(spe_file.read_text()))
-            for variant in NETWORKS:
+            for variant in args.networks:
                 out = run / variant
                 if not (out / "metrics.json").exists():
                     audit.attack_venom(cap, checkpoint=checkpoints[variant], out_dir=str(out),
@@ -154,7 +163,7 @@ def evaluate(args, cell: Path, checkpoints: dict[str, str]) -> dict:
                 per_seed[variant][str(eps)].append(_means(out / "metrics.json"))
             print(f"[{cell.name}] seed {seed} eps {eps:g}: "
                   + ", ".join(f"{m} {per_seed[m][str(eps)][-1].get('psnr', float('nan')):.2f} dB"
-                              for m in NETWORKS), flush=True)
+                              for m in args.networks), flush=True)
     table = {}
     for method, by_eps in per_seed.items():
         table[method] = {}
@@ -169,7 +178,8 @@ def evaluate(args, cell: Path, checkpoints: dict[str, str]) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cell = Path(args.runs) / f"{args.dataset}-{args.calibration}"
+    name = f"{args.dataset}-{args.calibration}" + ("-clamp" if args.clamp_levels else "")
+    cell = Path(args.runs) / name
     cell.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     t0 = time.time()
@@ -194,7 +204,7 @@ def main(argv=None) -> int:
         "table": table,
     }
     Path(args.results).mkdir(parents=True, exist_ok=True)
-    path = Path(args.results) / f"{args.dataset}-{args.calibration}.json"
+    path = Path(args.results) / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return 0

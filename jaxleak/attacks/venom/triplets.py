@@ -24,7 +24,6 @@ from jaxleak.attacks.spe import SPEConfig, _spe_single
 from jaxleak.capture.simulate import per_example_grads
 from jaxleak.privacy.mechanisms import DPConfig, protect_update, resolve
 
-
 FEATURES: tuple[str, ...] = ("spe", "fgla")
 
 

@@ -1,0 +1,76 @@
+"""Quality of the optimisation baselines: mean PSNR per attack, without defense and under DP.
+
+Captures ``--n`` single-image FedSGD clients of an untrained victim with the
+whole update kept, then runs every attack (and the ``shuffle`` null control of
+each) with the given iteration budgets. The DP rows use the paper calibration
+of the Venom table (eps in {1, 5, 10}, delta 1e-5, C = 1, lr 1e-3). Prints a
+markdown table and writes ``results.json`` under ``--out``.
+
+Smoke run (CPU, minutes; budgets far below the references):
+
+    python experiments/baselines/quality.py --dataset mnist-embedded --split train --image-size 32 \
+        --model lenet-dlg --n 4 --budget dlg=100 idlg=100 ig=1000 gradinversion=1000 grnn=1000 mjolnir=20
+
+Reference budgets (drop ``--budget``) need a GPU: 24,000 IG iterations per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+
+from jaxleak import audit
+from jaxleak.privacy import DPConfig
+
+ATTACKS = ("dlg", "idlg", "ig", "gradinversion", "grnn", "mjolnir")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--model", default="lenet-dlg")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--n", type=int, default=4)
+    parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
+    parser.add_argument("--epsilons", type=float, nargs="*", default=[1.0, 5.0, 10.0])
+    parser.add_argument("--budget", nargs="*", default=[], metavar="ATTACK=ITERATIONS")
+    parser.add_argument("--null", action="store_true", help="also run the shuffle null control")
+    parser.add_argument("--out", default="baselines-quality")
+    args = parser.parse_args()
+    budget = {k: int(v) for k, v in (item.split("=") for item in args.budget)}
+    data = audit.load_data(args.dataset, split=args.split, n=args.n, image_size=args.image_size)
+    victim, variables, vmeta = audit.build_victim(args.model, dataset=data, width=args.width)
+    settings = [("none", DPConfig(calibration="none"))] + [
+        (f"paper eps={e:g}", DPConfig(calibration="paper", epsilon=e)) for e in args.epsilons]
+    rows = []
+    for name, dp in settings:
+        cap = audit.capture(victim, variables, data, dp=dp, keep_update=True, keep_params=True,
+                            extra_meta=vmeta)
+        for attack in args.attacks:
+            for null in ([None, "shuffle"] if args.null else [None]):
+                overrides = {"iterations": budget[attack]} if attack in budget else {}
+                out = os.path.join(args.out, name.replace(" ", "_").replace("=", ""), attack + ("-null" if null else ""))
+                summary = audit.attack_optimization(cap, attack, out_dir=out, overrides=overrides, null=null)
+                rows.append({"setting": name, "attack": attack, "null": null, "iterations": overrides.get("iterations"),
+                             "psnr": summary["means"].get("psnr"), "ssim": summary["means"].get("ssim"),
+                             "label_correct": summary["means"]["label_correct"],
+                             "seconds_per_image": summary["timing"]["seconds_per_target"]})
+                print(json.dumps(rows[-1]), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    print("| setting | attack | null | iterations | PSNR | SSIM | label acc |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        fmt = lambda v: "-" if v is None or not np.isfinite(v) else f"{v:.2f}"
+        print(f"| {r['setting']} | {r['attack']} | {r['null'] or ''} | {r['iterations'] or 'ref'} | "
+              f"{fmt(r['psnr'])} | {fmt(r['ssim'])} | {fmt(r['label_correct'])} |")
+
+
+if __name__ == "__main__":
+    main()

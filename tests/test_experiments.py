@@ -1,0 +1,34 @@
+"""The experiment scripts run end to end (slow: run with ``pytest -m slow``)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_venom_table1_quick_pipeline_writes_a_result_the_report_reads(tmp_path, capsys):
+    table1 = _load(ROOT / "experiments/venom/table1.py")
+    assert table1.main(["--quick", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]) == 0
+    result = json.loads((tmp_path / "res" / "mnist-embedded-paper.json").read_text())
+    for method in ("fgla", "venom-diff", "venom"):
+        for eps in ("1.0", "5.0", "10.0"):
+            entry = result["table"][method][eps]
+            assert {"psnr", "ssim", "lpips_alex", "asr@0.5"} <= set(entry)
+    assert result["table"]["spe"]["10.0"]["feature_cosine_raw"]["mean"] > 0.99
+    # a second run reuses every checkpoint and evaluation
+    assert table1.main(["--quick", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]) == 0
+    report = _load(ROOT / "experiments/venom/report.py")
+    capsys.readouterr()
+    assert report.main([str(tmp_path / "res" / "mnist-embedded-paper.json")]) == 0
+    assert "| venom | 10 |" in capsys.readouterr().out

@@ -1,0 +1,108 @@
+"""``jaxleak attack dlg|idlg|ig|gradinversion|grnn|mjolnir`` end to end, and Mjolnir's pieces."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxleak.attacks.optimization import mjolnir
+from jaxleak.cli import main
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def captures(tmp_path_factory):
+    root = tmp_path_factory.mktemp("caps")
+    common = ["capture", "--dataset", "mnist-embedded", "--split", "train", "--model", "lenet-dlg",
+              "--image-size", "12", "--quiet"]
+    paths = {
+        "clean": root / "clean.npz", "batch": root / "batch.npz", "dp": root / "dp.npz",
+        "head_only": root / "head.npz",
+    }
+    assert main(common + ["--n", "3", "--calibration", "none", "--keep-update", "--out", str(paths["clean"])]) == 0
+    assert main(common + ["--n", "2", "--batch-size", "2", "--calibration", "none", "--keep-update",
+                          "--out", str(paths["batch"])]) == 0
+    assert main(common + ["--n", "2", "--epsilon", "10", "--keep-update", "--keep-params",
+                          "--out", str(paths["dp"])]) == 0
+    assert main(common + ["--n", "2", "--out", str(paths["head_only"])]) == 0
+    return paths
+
+
+def test_attack_ig_then_null_control(captures, tmp_path, capsys):
+    code, out, _ = _run(capsys, "attack", "ig", "--captures", captures["clean"], "--out", tmp_path / "ig",
+                        "--iterations", "200", "--quiet")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["means"]["psnr"] > 30 and summary["means"]["label_correct"] == 1.0
+    assert summary["timing"]["seconds_per_iteration"] > 0
+    rec = np.load(tmp_path / "ig" / "reconstructions.npz")
+    assert rec["images"].shape == (3, 12, 12, 1) and rec["labels"].shape == (3,)
+    assert 0 <= rec["images"].min() and rec["images"].max() <= 1
+    meta = json.loads((tmp_path / "ig" / "metrics.json").read_text())
+    assert meta["config"]["iterations"] == 200 and meta["config"]["tv"] == 1e-6
+    assert len(meta["metrics"]["ssim"]["values"]) == 3
+
+    code, out, _ = _run(capsys, "attack", "ig", "--captures", captures["clean"], "--out", tmp_path / "null",
+                        "--iterations", "200", "--null", "shuffle", "--quiet")
+    assert code == 0
+    null = json.loads(out)
+    assert null["null_control"] == "shuffle" and null["means"]["psnr"] < summary["means"]["psnr"] - 15
+    assert "NULL CONTROL" in json.loads((tmp_path / "null" / "metrics.json").read_text())["note"]
+
+
+def test_attack_idlg_on_client_batches_uses_hungarian_assignment(captures, tmp_path, capsys):
+    code, _out, _ = _run(capsys, "attack", "idlg", "--captures", captures["batch"], "--out", tmp_path / "b",
+                        "--iterations", "5", "--set", "linesearch_steps=5", "--quiet")
+    assert code == 0
+    rec = np.load(tmp_path / "b" / "reconstructions.npz")
+    assert rec["images"].shape == (2, 2, 12, 12, 1) and rec["labels"].shape == (2, 2)
+    meta = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert len(meta["metrics"]["psnr"]["values"]) == 4 and "Hungarian" in meta["note"]
+
+
+def test_attack_mjolnir_tiny(captures, tmp_path, capsys):
+    code, out, _ = _run(capsys, "attack", "mjolnir", "--captures", captures["dp"], "--out", tmp_path / "m",
+                        "--iterations", "3", "--set", "train_steps=20", "--set", "hidden=32",
+                        "--set", "aux_n=16", "--set", "timesteps=50", "--set", "linesearch_steps=3",
+                        "--quiet")
+    assert code == 0, out
+    meta = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert meta["mjolnir"]["t_start"] >= 0 and meta["mjolnir"]["sigma"] > 0
+    assert np.load(tmp_path / "m" / "reconstructions.npz")["images"].shape == (2, 12, 12, 1)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["attack", "ig", "--captures", "{head_only}", "--out", "{tmp}"], "--keep-update"),
+    (["attack", "ig", "--captures", "{clean}", "--out", "{tmp}", "--set", "nope=1"], "nope"),
+    (["attack", "ig", "--captures", "{clean}", "--out", "{tmp}", "--set", "novalue"], "KEY=VALUE"),
+    (["attack", "ig", "--captures", "{clean}", "--out", "{tmp}", "--labels", "joint"], "labels must be"),
+    (["attack", "dlg", "--captures", "{clean}", "--out", "{tmp}", "--checkpoint", "x"], "no --checkpoint"),
+    (["attack", "ig", "--captures", "{clean}", "--out", "{tmp}", "--set", "layers=nope"], "matches no"),
+])
+def test_bad_inputs_give_one_line_errors(argv, needle, captures, tmp_path, capsys):
+    argv = [str(captures[a[1:-1]]) if a[1:-1] in captures else str(tmp_path) if a == "{tmp}" else a
+            for a in argv]
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_mjolnir_start_step_and_denoise_identity_without_noise():
+    _, abar = mjolnir.alpha_bars(1000, 1e-4, 0.02)
+    ratio = np.sqrt((1 - np.asarray(abar)) / np.asarray(abar))
+    assert int(mjolnir.start_step(jnp.float32(ratio[123]), abar)) == 123
+    assert int(mjolnir.start_step(jnp.float32(0.0), abar)) == -1
+    config = mjolnir.MjolnirConfig(timesteps=10, hidden=8, depth=1)
+    params = mjolnir.Denoiser(dim=5, hidden=8, depth=1).init(jax.random.key(0), jnp.zeros(5), jnp.zeros(()))
+    x = jnp.arange(10.0).reshape(2, 5)
+    out, t0 = mjolnir.denoise(params, 2.0, config, x, 0.0)
+    assert t0 == -1 and np.allclose(out, x)
+    tree = {"a": jnp.ones((2, 3)), "b": {"c": jnp.arange(4.0)}}
+    back = mjolnir.unflatten_update(mjolnir.flatten_update(tree), tree)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda u, v: bool(jnp.all(u == v)), tree, back))
