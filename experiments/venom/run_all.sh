@@ -7,3 +7,4 @@ python experiments/venom/table1.py --dataset mnist --calibration paper --steps 3
 python experiments/venom/table1.py --dataset cifar10 --calibration paper --steps 3000
 python experiments/venom/table1.py --dataset mnist --calibration dpsgd --steps 1500
 python experiments/venom/table1.py --dataset cifar10 --calibration dpsgd --steps 1500
+python experiments/venom/table1.py --dataset mnist --calibration paper --steps 3000 --networks venom --clamp-levels
