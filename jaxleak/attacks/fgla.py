@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from jaxleak.attacks.spe import _pad_rows
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -146,9 +148,7 @@ def fgla_batch(
     feats, ys = [], []
     for start in range(0, n, size):
         stop = min(start + size, n)
-        part = [a[start:stop] for a in (gw, gb, lab, flags)]
-        if stop - start < size:
-            part = [np.concatenate([a, np.repeat(a[-1:], size - (stop - start), 0)]) for a in part]
+        part = [_pad_rows(a[start:stop], size) for a in (gw, gb, lab, flags)]
         f, y = fn(*(jnp.asarray(a) for a in part))
         feats.append(np.asarray(f)[: stop - start])
         ys.append(np.asarray(y)[: stop - start])

@@ -33,6 +33,32 @@ def per_example_grads(
     return jax.vmap(grad_one, in_axes=(None, 0, 0))(params, images, labels)
 
 
+def protected_layer(
+    victim,
+    variables: PyTree,
+    images: Float[Array, "b h w c"],
+    labels: Int[Array, " b"],
+    key: PRNGKeyArray,
+    *,
+    calibration: str,
+    mechanism: str,
+    clip: float,
+    noise_scale: float | Float[Array, ""],
+    layer: str,
+) -> tuple[Float[Array, "k d"], Float[Array, " k"], PyTree]:
+    """ONE client's protected update and its dense ``layer`` as class-major ``([K, d], [K])``.
+
+    ``noise_scale`` may be traced (training triplets draw it per image).
+    """
+    grads = per_example_grads(victim, variables, images, labels)
+    update = protect_update(
+        grads, key, calibration=calibration, mechanism=mechanism, clip=clip, noise_scale=noise_scale
+    )
+    dense = victim.layers[layer].select(update)
+    # Flax kernels are [d, K]; captures are class-major [K, d].
+    return dense["kernel"].T, dense["bias"], update
+
+
 def _client_update(
     victim,
     variables: PyTree,
@@ -44,14 +70,11 @@ def _client_update(
     layer: str,
     keep_update: bool,
 ) -> tuple[Float[Array, "k d"], Float[Array, " k"], PyTree | None]:
-    grads = per_example_grads(victim, variables, images, labels)
-    update = protect_update(
-        grads, key, calibration=dp.calibration, mechanism=dp.mechanism,
-        clip=dp.clip, noise_scale=dp.noise_scale,
+    gw, gb, update = protected_layer(
+        victim, variables, images, labels, key, calibration=dp.calibration,
+        mechanism=dp.mechanism, clip=dp.clip, noise_scale=dp.noise_scale, layer=layer,
     )
-    dense = victim.layers[layer].select(update)
-    # Flax kernels are [d, K]; captures are class-major [K, d].
-    return dense["kernel"].T, dense["bias"], (update if keep_update else None)
+    return gw, gb, (update if keep_update else None)
 
 
 @functools.lru_cache(maxsize=32)

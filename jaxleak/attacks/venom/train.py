@@ -32,7 +32,7 @@ import optax
 import orbax.checkpoint as ocp
 from jaxtyping import Array, Float, Int, PyTree
 
-from jaxleak.attacks.spe import SPEConfig
+from jaxleak.attacks.spe import SPEConfig, _pad_rows
 from jaxleak.attacks.venom.network import VARIANTS, RecoveryNetConfig, make_recovery_net
 from jaxleak.attacks.venom.triplets import TripletConfig, Triplets, make_triplet_fn
 
@@ -461,10 +461,7 @@ def build_triplet_cache(
         starts = tqdm(starts, desc="triplet cache", unit="chunk")
     for c, start in enumerate(starts):
         stop = min(start + size, n)
-        x, y = images[start:stop], labels[start:stop]
-        if stop - start < size:
-            x = np.concatenate([x, np.repeat(x[-1:], size - (stop - start), 0)])
-            y = np.concatenate([y, np.repeat(y[-1:], size - (stop - start), 0)])
+        x, y = _pad_rows(images[start:stop], size), _pad_rows(labels[start:stop], size)
         out = triplet_fn(victim_variables, jnp.asarray(x), jnp.asarray(y), jax.random.fold_in(key, c))
         parts.append(jax.tree_util.tree_map(lambda a, k=stop - start: np.asarray(a)[:k], out))
     return Triplets(*(np.concatenate(f) for f in zip(*parts)))

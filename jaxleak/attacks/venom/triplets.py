@@ -21,8 +21,8 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from jaxleak.attacks.fgla import fgla_features, infer_label
 from jaxleak.attacks.spe import SPEConfig, _spe_single
-from jaxleak.capture.simulate import per_example_grads
-from jaxleak.privacy.mechanisms import DPConfig, protect_update, resolve
+from jaxleak.capture.simulate import protected_layer
+from jaxleak.privacy.mechanisms import DPConfig, resolve
 
 FEATURES: tuple[str, ...] = ("spe", "fgla")
 
@@ -123,19 +123,12 @@ def _one_triplet(
     scales, variances, epsilons = (jnp.asarray(t) for t in table)
     k_eps, k_noise = jax.random.split(key)
     i = jax.random.randint(k_eps, (), 0, scales.shape[0])
-    grads = per_example_grads(victim, variables, image[None], label[None])
     mechanism = config.mechanism if config.calibration == "paper" else "gaussian"
-    update = protect_update(
-        grads,
-        k_noise,
-        calibration=config.calibration,
-        mechanism=mechanism,
-        clip=config.clip,
-        noise_scale=scales[i],
+    gw, gb, _ = protected_layer(
+        victim, variables, image[None], label[None], k_noise, calibration=config.calibration,
+        mechanism=mechanism, clip=config.clip, noise_scale=scales[i], layer=config.layer,
     )
-    dense = victim.layers[config.layer].select(update)
     if config.features == "fgla":
-        gw, gb = dense["kernel"].T, dense["bias"]
         fshape = victim.layers[config.layer].feature_shape
         feats = fgla_features(gw, gb, infer_label(gb)).reshape(fshape)
         return Triplets(
@@ -146,8 +139,8 @@ def _one_triplet(
         )
     estimate = config.sigma2 == "estimate"
     res = _spe_single(
-        dense["kernel"].T,
-        dense["bias"],
+        gw,
+        gb,
         variances[i],
         feature_shape=victim.layers[config.layer].feature_shape,
         config=spe_config,
