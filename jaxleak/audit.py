@@ -512,7 +512,8 @@ def attack_optimization(cap: Capture, attack: str, *, out_dir: str, overrides: d
                         null: str | None = None, match_metric: str = "psnr", chunk: int = 100,
                         target_batch: int = 16, patience: int | None = None, min_delta: float = 1e-4,
                         seed: int = 0, progress: bool = False, batching: str = "vmap",
-                        unroll: int = 1) -> dict[str, Any]:
+                        unroll: int = 1, lpips_net: str | None = "alex",
+                        weights_dir: str | None = None) -> dict[str, Any]:
     """An optimisation attack (DLG, iDLG, IG, GradInversion, GRNN, Mjolnir) on every capture.
 
     Writes ``reconstructions.npz`` (``images`` ``[N, H, W, C]`` or ``[N, B, H, W, C]``
@@ -532,6 +533,8 @@ def attack_optimization(cap: Capture, attack: str, *, out_dir: str, overrides: d
       match_metric: metric the Hungarian assignment maximises for client batches B > 1.
       chunk, target_batch, patience, min_delta, seed, progress, batching, unroll: the driver's options
         (:class:`jaxleak.attacks.optimization.RunOptions`).
+      lpips_net, weights_dir: LPIPS backbone (``None``: no LPIPS) and weights root
+        (see :func:`lpips_metric`; missing weights leave a note instead of the column).
 
     Returns:
       A JSON-ready summary (what was written, metric means, timing).
@@ -579,6 +582,9 @@ def attack_optimization(cap: Capture, attack: str, *, out_dir: str, overrides: d
         flat = lambda a: a.reshape(cap.n * batch, *a.shape[2:])
         if min(cap.image_shape[:2]) >= 11:
             metrics.update(image_metrics(flat(recon), flat(truth)))
+            if lpips_net is not None:
+                metrics.update(lpips_metric(flat(recon), flat(truth), net=lpips_net, weights_dir=weights_dir,
+                                            notes=notes))
         else:
             from jaxleak import metrics as image_metric_fns
 

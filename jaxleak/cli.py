@@ -226,7 +226,7 @@ def cmd_attack_optimization(args) -> int:
             match_metric=args.match_metric, chunk=args.scan_chunk, target_batch=args.target_batch,
             patience=args.patience, min_delta=args.min_delta, seed=args.attack_seed,
             progress=not args.quiet, batching=args.batching,
-            unroll=args.unroll)
+            unroll=args.unroll, lpips_net=args.lpips_net, weights_dir=args.weights_dir)
     except TypeError as e:  # an unknown config field in --set
         raise CLIError(f"bad --set for {args.attack}: {e}") from None
     print(json.dumps(summary, indent=2))

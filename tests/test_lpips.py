@@ -14,6 +14,7 @@ import struct
 import zipfile
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -113,6 +114,141 @@ def test_grayscale_and_resize():
     )
     assert d.shape == (2,) and np.all(d > 0)
     np.testing.assert_array_equal(d, d_rgb)
+
+
+# ----------------------------------------------------------------------------
+# VGG16 end to end: synthetic backbone weights, real v0.1 heads, and an
+# independent NCHW reference (torchvision's VGG16 weights are not available).
+# ----------------------------------------------------------------------------
+
+VGG_LIN = "lpips_v0.1_lin_vgg.npz"
+# torchvision vgg16().features config "D": ints are 3x3 pad-1 convs (+ReLU), M is
+# MaxPool2d(2, 2). Conv k sits at features.<index>, ReLU at index + 1, pool after.
+VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+# lpips.pretrained_networks.vgg16 slices end after features[3], [8], [15], [22],
+# [29]: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3, i.e. the ReLUs of these convs.
+VGG16_TAP_CONVS = (2, 7, 14, 21, 28)
+
+
+def _synthetic_vgg16_features(seed: int = 0) -> dict[str, np.ndarray]:
+    """torchvision-named OIHW VGG16 ``features`` weights, He-scaled so activations stay O(1)."""
+    rng = np.random.default_rng(seed)
+    state, index, channels = {}, 0, 3
+    for item in VGG16_CFG:
+        if item == "M":
+            index += 1
+            continue
+        std = np.sqrt(2.0 / (channels * 9))
+        state[f"features.{index}.weight"] = (
+            rng.standard_normal((item, channels, 3, 3)) * std
+        ).astype(np.float32)
+        state[f"features.{index}.bias"] = (0.1 * rng.standard_normal(item)).astype(np.float32)
+        channels, index = item, index + 2  # conv, ReLU
+    # torchvision checkpoints also hold the classifier; LPIPS must ignore it.
+    state["classifier.0.weight"] = np.zeros((8, 4), np.float32)
+    return state
+
+
+def _reference_lpips_vgg(x, y, state, heads):
+    """LPIPS v0.1 (VGG) written from the paper / the lpips repo, in torch layout.
+
+    Constants and steps, as in github.com/richzhang/PerceptualSimilarity
+    (``lpips/lpips.py`` and ``lpips/pretrained_networks.py``) and Zhang et al.
+    2018, "The Unreasonable Effectiveness of Deep Features as a Perceptual
+    Metric", called as ``LPIPS(net="vgg", version="0.1")(x, y, normalize=True)``:
+
+    * ``normalize=True``: images in [0, 1] become ``2 x - 1``;
+    * ``ScalingLayer``: ``(x - shift) / scale`` with
+      ``shift = [-.030, -.088, -.188]``, ``scale = [.458, .448, .450]``;
+    * torchvision ``vgg16().features`` (config D above), tapped after
+      relu1_2, relu2_2, relu3_3, relu4_3, relu5_3;
+    * ``normalize_tensor``: ``f / (sqrt(sum_c f**2) + 1e-10)``;
+    * ``NetLinLayer``: (dropout off in eval) 1x1 conv, no bias, weights
+      ``lin<k>.model.1.weight`` [1, C, 1, 1]; then ``spatial_average`` (mean
+      over H, W, keepdim) and the sum over the five layers.
+    """
+    shift = jnp.array([-0.030, -0.088, -0.188]).reshape(1, 3, 1, 1)
+    scale = jnp.array([0.458, 0.448, 0.450]).reshape(1, 3, 1, 1)
+    hi = jax.lax.Precision.HIGHEST
+
+    def features(img):  # img: NCHW
+        h, taps, index = (2.0 * img - 1.0 - shift) / scale, [], 0
+        for item in VGG16_CFG:
+            if item == "M":
+                n, c, hh, ww = h.shape
+                h = h.reshape(n, c, hh // 2, 2, ww // 2, 2).max(axis=(3, 5))
+                index += 1
+                continue
+            h = jax.lax.conv_general_dilated(
+                h,
+                jnp.asarray(state[f"features.{index}.weight"]),
+                window_strides=(1, 1),
+                padding=((1, 1), (1, 1)),
+                dimension_numbers=("NCHW", "OIHW", "NCHW"),
+                precision=hi,
+            ) + jnp.asarray(state[f"features.{index}.bias"]).reshape(1, -1, 1, 1)
+            h = jnp.maximum(h, 0.0)
+            if index in VGG16_TAP_CONVS:
+                taps.append(h)
+            index += 2
+        return taps
+
+    def unit(f):
+        return f / (jnp.sqrt(jnp.sum(f**2, axis=1, keepdims=True)) + 1e-10)
+
+    n = len(x)
+    taps = jax.jit(features)(jnp.transpose(jnp.asarray(np.concatenate([x, y])), (0, 3, 1, 2)))
+    total = 0.0
+    for k, (a, b) in enumerate((f[:n], f[n:]) for f in taps):
+        w = jnp.asarray(heads[f"lin{k}.model.1.weight"])  # [1, C, 1, 1]
+        diff = (unit(a) - unit(b)) ** 2
+        lin = jnp.sum(diff * w, axis=1, keepdims=True)  # 1x1 conv, one output channel
+        total = total + jnp.mean(lin, axis=(1, 2, 3))
+    return np.asarray(total)
+
+
+@pytest.fixture
+def vgg_weights_dir(tmp_path):
+    _need(VGG_LIN)
+    folder = tmp_path / "lpips"
+    folder.mkdir()
+    np.savez(folder / "vgg16_features_torchvision.npz", **_synthetic_vgg16_features())
+    (folder / VGG_LIN).symlink_to(LPIPS_DIR / VGG_LIN)
+    return tmp_path
+
+
+def test_vgg_matches_independent_reference(vgg_weights_dir):
+    with np.load(LPIPS_DIR / VGG_LIN) as f:
+        heads = {k: f[k] for k in f.files}
+    assert sorted(heads) == [f"lin{k}.model.1.weight" for k in range(5)]
+    assert [heads[f"lin{k}.model.1.weight"].shape for k in range(5)] == [
+        (1, c, 1, 1) for c in (64, 128, 256, 512, 512)
+    ]
+    assert all(np.all(w >= 0) for w in heads.values())  # v0.1 heads are non-negative
+    state = _synthetic_vgg16_features()
+    x, y = _random_images(10, n=2), _random_images(11, n=2)
+    got = np.asarray(lpips(x, y, "vgg", weights_dir=vgg_weights_dir))
+    want = _reference_lpips_vgg(x, y, state, heads)
+    assert got.shape == (2,) and np.all(want > 0.01)
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    # Identity (up to conv rounding, as for the other nets) and symmetry.
+    d_xx = np.asarray(lpips(x, x, "vgg", weights_dir=vgg_weights_dir))
+    assert np.all(np.abs(d_xx) < 1e-7)
+    d_yx = np.asarray(lpips(y, x, "vgg", weights_dir=vgg_weights_dir))
+    np.testing.assert_allclose(got, d_yx, rtol=1e-5)
+
+
+def test_vgg_missing_backbone_message(tmp_path):
+    _need(VGG_LIN)
+    (tmp_path / "lpips").mkdir()
+    (tmp_path / "lpips" / VGG_LIN).symlink_to(LPIPS_DIR / VGG_LIN)
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    with pytest.raises(FileNotFoundError) as info:
+        lpips(x, x, "vgg", weights_dir=tmp_path)
+    message = str(info.value)
+    assert "vgg backbone" in message
+    assert str(tmp_path / "lpips" / "vgg16_features_torchvision.npz") in message
+    assert str(tmp_path / "lpips" / "vgg16-*.pth") in message
 
 
 # ----------------------------------------------------------------------------

@@ -106,3 +106,24 @@ def test_mjolnir_start_step_and_denoise_identity_without_noise():
     tree = {"a": jnp.ones((2, 3)), "b": {"c": jnp.arange(4.0)}}
     back = mjolnir.unflatten_update(mjolnir.flatten_update(tree), tree)
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda u, v: bool(jnp.all(u == v)), tree, back))
+
+
+def test_attack_reports_lpips_or_says_why_not(captures, tmp_path, capsys):
+    """LPIPS (alex) next to PSNR/SSIM when the weights exist; a note naming the folder when they do not."""
+    import os
+    from pathlib import Path
+
+    root = Path(os.environ.get("JAXLEAK_WEIGHTS_DIR", Path(__file__).resolve().parents[2] / "shared" / "weights"))
+    have = all((root / "lpips" / n).is_file()
+               for n in ("alexnet_features_torchvision.npz", "lpips_v0.1_lin_alex.npz"))
+    code, out, _ = _run(capsys, "attack", "ig", "--captures", captures["clean"], "--out", tmp_path / "ig",
+                        "--iterations", "200", "--weights-dir", root if have else tmp_path / "none", "--quiet")
+    assert code == 0
+    meta = json.loads((tmp_path / "ig" / "metrics.json").read_text())
+    if not have:
+        assert "lpips_alex" not in json.loads(out)["means"] and "lpips not computed" in meta["note"]
+        pytest.skip(f"LPIPS weights absent from {root / 'lpips'}: only the missing-weights path was checked")
+    values = np.asarray(meta["metrics"]["lpips_alex"]["values"])
+    assert values.shape == (3,) and np.all(values >= 0)
+    assert json.loads(out)["means"]["lpips_alex"] < 0.1  # IG recovers these 12x12 digits to > 30 dB
+    assert "upsampled bilinearly from 12x12" in meta["note"]

@@ -13,6 +13,7 @@ their content. Prints one JSON line per batch of targets.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -23,6 +24,46 @@ import numpy as np
 
 from jaxleak.attacks import optimization as O
 from jaxleak.models import get_victim
+
+
+@functools.lru_cache(maxsize=8)
+def victim_and_variables(model: str, width: int | None):
+    """The untrained 32x32x3, 10-class victim (init seed 0) and its variables, built once per setting."""
+    victim = get_victim(model, image_shape=(32, 32, 3), num_classes=10,
+                        **({"width": width} if width else {}))
+    return victim, victim.init(jax.random.key(0))
+
+
+def measure(targets: int, iterations: int, budget: int, model: str, width: int | None, chunk: int,
+            batching: str, unroll: int) -> dict:
+    """Times ``iterations`` IG steps of one block of ``targets`` targets; the JSON-ready row of main()."""
+    victim, variables = victim_and_variables(model, width)
+    t = targets
+    images = jax.random.uniform(jax.random.key(1), (t, 1, 32, 32, 3))
+    labels = jnp.arange(t)[:, None] % 10
+    grad = jax.jit(jax.vmap(lambda x, y: O.dummy_gradient(victim, variables, x, jax.nn.one_hot(y, 10))))
+    updates = grad(images, labels)
+    # The step-decay milestones are placed for the full budget, as in a real 24k-iteration run.
+    config = O.IGConfig(iterations=budget)
+    problem = O.make_ig(victim, config, 1)
+    options = O.RunOptions(iterations=iterations, chunk=min(chunk, iterations),
+                           target_batch=t, batching=batching,
+                           unroll=unroll)
+    observed = O.prepare_targets(victim, updates, labels="known", batch_size=1,
+                                 true_labels=np.asarray(labels))
+    t0 = time.perf_counter()
+    res = O.run_problem(problem, observed, dict(variables), options)
+    wall = time.perf_counter() - t0
+    per_iter = res.seconds_total / iterations
+    return {
+        "attack": "ig", "model": model, "width": width, "image": "32x32x3", "targets": t, "batching": batching, "chunk": chunk, "unroll": unroll,
+        "measured_iterations": iterations, "seconds_per_iteration": per_iter,
+        "compile_seconds": res.compile_seconds, "wall_seconds": wall,
+        "extrapolated_budget": budget,
+        "extrapolated_seconds_per_image": per_iter * budget / t,
+        "platform": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__, "python": platform.python_version(),
+    }
 
 
 def main() -> None:
@@ -36,35 +77,10 @@ def main() -> None:
     parser.add_argument("--batching", choices=("vmap", "map"), default="vmap")
     parser.add_argument("--unroll", type=int, default=1)
     args = parser.parse_args()
-    victim = get_victim(args.model, image_shape=(32, 32, 3), num_classes=10,
-                        **({"width": args.width} if args.width else {}))
-    variables = victim.init(jax.random.key(0))
     for t in args.targets:
-        images = jax.random.uniform(jax.random.key(1), (t, 1, 32, 32, 3))
-        labels = jnp.arange(t)[:, None] % 10
-        grad = jax.jit(jax.vmap(lambda x, y: O.dummy_gradient(victim, variables, x, jax.nn.one_hot(y, 10))))
-        updates = grad(images, labels)
-        # The step-decay milestones are placed for the full budget, as in a real 24k-iteration run.
-        config = O.IGConfig(iterations=args.budget)
-        problem = O.make_ig(victim, config, 1)
-        options = O.RunOptions(iterations=args.iterations, chunk=min(args.chunk, args.iterations),
-                               target_batch=t, batching=args.batching,
-                               unroll=args.unroll)
-        targets = O.prepare_targets(victim, updates, labels="known", batch_size=1,
-                                    true_labels=np.asarray(labels))
-        t0 = time.perf_counter()
-        res = O.run_problem(problem, targets, dict(variables), options)
-        wall = time.perf_counter() - t0
-        per_iter = res.seconds_total / args.iterations
-        print(json.dumps({
-            "attack": "ig", "model": args.model, "width": args.width, "image": "32x32x3", "targets": t, "batching": args.batching, "chunk": args.chunk, "unroll": args.unroll,
-            "measured_iterations": args.iterations, "seconds_per_iteration": per_iter,
-            "compile_seconds": res.compile_seconds, "wall_seconds": wall,
-            "extrapolated_budget": args.budget,
-            "extrapolated_seconds_per_image": per_iter * args.budget / t,
-            "platform": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
-            "jax": jax.__version__, "python": platform.python_version(),
-        }), flush=True)
+        row = measure(t, args.iterations, args.budget, args.model, args.width, args.chunk,
+                      args.batching, args.unroll)
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

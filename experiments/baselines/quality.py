@@ -40,14 +40,18 @@ def main() -> None:
     parser.add_argument("--epsilons", type=float, nargs="*", default=[1.0, 5.0, 10.0])
     parser.add_argument("--budget", nargs="*", default=[], metavar="ATTACK=ITERATIONS")
     parser.add_argument("--null", action="store_true", help="also run the shuffle null control")
+    parser.add_argument("--no-clean", action="store_true", help="skip the no-defense setting")
+    parser.add_argument("--seed", type=int, default=0, help="which test images (data seed)")
     parser.add_argument("--out", default="baselines-quality")
     args = parser.parse_args()
     budget = {k: int(v) for k, v in (item.split("=") for item in args.budget)}
-    data = audit.load_data(args.dataset, split=args.split, n=args.n, image_size=args.image_size)
+    data = audit.load_data(args.dataset, split=args.split, n=args.n, image_size=args.image_size,
+                           seed=args.seed)
     victim, variables, vmeta = audit.build_victim(args.model, dataset=data, width=args.width)
-    settings = [("none", DPConfig(calibration="none"))] + [
+    settings = ([] if args.no_clean else [("none", DPConfig(calibration="none"))]) + [
         (f"paper eps={e:g}", DPConfig(calibration="paper", epsilon=e)) for e in args.epsilons]
     rows = []
+    os.makedirs(args.out, exist_ok=True)
     for name, dp in settings:
         cap = audit.capture(victim, variables, data, dp=dp, keep_update=True, keep_params=True,
                             extra_meta=vmeta)
@@ -55,21 +59,35 @@ def main() -> None:
             for null in ([None, "shuffle"] if args.null else [None]):
                 overrides = {"iterations": budget[attack]} if attack in budget else {}
                 out = os.path.join(args.out, name.replace(" ", "_").replace("=", ""), attack + ("-null" if null else ""))
-                summary = audit.attack_optimization(cap, attack, out_dir=out, overrides=overrides, null=null)
-                rows.append({"setting": name, "attack": attack, "null": null, "iterations": overrides.get("iterations"),
-                             "psnr": summary["means"].get("psnr"), "ssim": summary["means"].get("ssim"),
-                             "label_correct": summary["means"]["label_correct"],
-                             "seconds_per_image": summary["timing"]["seconds_per_target"]})
-                print(json.dumps(rows[-1]), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "rows": rows}, f, indent=2)
-    print("| setting | attack | null | iterations | PSNR | SSIM | label acc |")
-    print("|---|---|---|---|---|---|---|")
+                rows.append(_row(cap, attack, out, overrides, null, name))
+                with open(os.path.join(args.out, "results.json"), "w") as f:  # after every row: resumable
+                    json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    print("| setting | attack | null | iterations | PSNR | SSIM | LPIPS | ASR@0.5 | label acc | s/image |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         fmt = lambda v: "-" if v is None or not np.isfinite(v) else f"{v:.2f}"
         print(f"| {r['setting']} | {r['attack']} | {r['null'] or ''} | {r['iterations'] or 'ref'} | "
-              f"{fmt(r['psnr'])} | {fmt(r['ssim'])} | {fmt(r['label_correct'])} |")
+              f"{fmt(r['psnr'])} | {fmt(r['ssim'])} | {fmt(r.get('lpips_alex'))} | {fmt(r.get('asr@0.5'))} | "
+              f"{fmt(r['label_correct'])} | {fmt(r['seconds_per_image'])} |")
+
+
+def _row(cap, attack: str, out: str, overrides: dict, null, setting: str) -> dict:
+    """Runs one attack (or reuses a finished ``out``) and summarises its metrics.json."""
+    path = os.path.join(out, "metrics.json")
+    if not os.path.exists(path):
+        audit.attack_optimization(cap, attack, out_dir=out, overrides=overrides, null=null)
+    with open(path) as f:
+        meta = json.load(f)
+    metrics = meta["metrics"]
+    mean = lambda k: float(np.mean(metrics[k]["values"])) if k in metrics else None
+    ssim = np.asarray(metrics["ssim"]["values"]) if "ssim" in metrics else None
+    row = {"setting": setting, "attack": attack, "null": null, "iterations": overrides.get("iterations"),
+           "psnr": mean("psnr"), "ssim": mean("ssim"), "lpips_alex": mean("lpips_alex"),
+           "asr@0.5": None if ssim is None else float(np.mean(ssim > 0.5)),
+           "label_correct": mean("label_correct"),
+           "seconds_per_image": meta["timing"]["seconds_per_target"]}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 if __name__ == "__main__":
