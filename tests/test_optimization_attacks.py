@@ -89,6 +89,29 @@ def test_driver_matches_an_unbatched_python_loop(tiny):
     np.testing.assert_allclose(res.loss[t], best_loss, rtol=1e-4, atol=1e-7)
 
 
+def test_dlg_inner_steps_chain_lbfgs_updates_like_torch_max_iter(tiny):
+    """One iteration of ``inner_steps=k`` = k consecutive fixed-step L-BFGS updates (torch's max_iter)."""
+    victim, variables, _, labels, updates = tiny
+    target = {"update": jax.tree_util.tree_map(lambda a: a[0], updates),
+              "label_probs": jax.nn.one_hot(labels[0], K)}
+    inner = O.make_dlg(victim, O.DLGConfig(iterations=2, inner_steps=3), 1)
+    single = O.make_dlg(victim, O.DLGConfig(iterations=6, inner_steps=1), 1)
+    key = jax.random.key(5)
+    a, b = inner.init(key, target, variables), single.init(key, target, variables)
+    a_losses, b_losses = [], []
+    for it in range(2):
+        a, loss = jax.jit(inner.step)(a, target, variables, jnp.int32(it))
+        a_losses.append(float(loss))
+    for it in range(6):
+        b, loss = jax.jit(single.step)(b, target, variables, jnp.int32(it))
+        b_losses.append(float(loss))
+    chex.assert_trees_all_close(a["x"], b["x"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(a_losses, b_losses[::3], rtol=1e-4)  # loss at the start of each iteration
+    assert np.all(np.isfinite(b_losses))
+    with pytest.raises(ValueError, match="inner_steps"):
+        O.DLGConfig(inner_steps=0)
+
+
 def test_early_stop_when_matching_loss_stops_improving(tiny):
     victim, variables, _, labels, updates = tiny
     one = jax.tree_util.tree_map(lambda a: a[:1], updates)

@@ -53,6 +53,12 @@ class DLGConfig:
       memory_size: L-BFGS history (torch's default 100).
       linesearch_steps: zoom line-search evaluations per step (optax); 0 = a
         fixed step of ``learning_rate`` as torch's LBFGS without line search.
+      inner_steps: L-BFGS updates per iteration. DLG's code calls torch's
+        ``LBFGS.step`` ``iterations`` times with its default ``max_iter=20`` and
+        no line search, i.e. up to 20 fixed-step updates per iteration: the
+        defaults ``inner_steps=20, linesearch_steps=0`` are that loop.
+        ``inner_steps=1, linesearch_steps=20`` is a cheaper variant that
+        converges more slowly (docs/baselines.md).
       labels: ``"joint"`` soft labels optimised with the image (DLG),
         ``"infer"`` read off the head gradient (iDLG), ``"known"`` given.
       distance: ``"l2"`` (reference) or ``"cosine"``.
@@ -65,7 +71,8 @@ class DLGConfig:
     iterations: int = 300
     learning_rate: float = 1.0
     memory_size: int = 100
-    linesearch_steps: int = 20
+    linesearch_steps: int = 0
+    inner_steps: int = 20
     labels: str = "joint"
     distance: str = "l2"
     layers: tuple[str, ...] | None = None
@@ -78,6 +85,9 @@ class DLGConfig:
         _check(self)
         if self.distance not in ("l2", "cosine"):
             raise ValueError(f"distance must be 'l2' or 'cosine', got {self.distance!r}")
+        if self.inner_steps < 1 or self.linesearch_steps < 0:
+            raise ValueError(f"inner_steps must be >= 1 and linesearch_steps >= 0, got "
+                             f"{self.inner_steps}, {self.linesearch_steps}")
 
 
 def idlg_config(**overrides: Any) -> DLGConfig:
@@ -240,9 +250,19 @@ def make_dlg(victim, config: DLGConfig, batch_size: int) -> Problem:
 
     def step(state, target, shared, it):
         fn = functools.partial(objective, target=target, shared=shared)
-        value, grad = optax.value_and_grad_from_state(fn)(state["x"], state=state["opt"])
-        updates, opt_state = opt.update(grad, state["opt"], state["x"], value=value, grad=grad, value_fn=fn)
-        return {**state, "x": optax.apply_updates(state["x"], updates), "opt": opt_state}, value
+
+        def update(carry, _):
+            x, opt_state = carry
+            if linesearch is None:  # only the line search keeps value and gradient in the state
+                value, grad = jax.value_and_grad(fn)(x)
+            else:
+                value, grad = optax.value_and_grad_from_state(fn)(x, state=opt_state)
+            updates, opt_state = opt.update(grad, opt_state, x, value=value, grad=grad, value_fn=fn)
+            return (optax.apply_updates(x, updates), opt_state), value
+
+        (x, opt_state), values = jax.lax.scan(update, (state["x"], state["opt"]), None,
+                                              length=config.inner_steps)
+        return {**state, "x": x, "opt": opt_state}, values[0]
 
     def candidate(state, shared):
         x = state["x"]

@@ -43,7 +43,8 @@ class MjolnirConfig:
       aux_dataset, aux_split, aux_n: the attacker's auxiliary images (disjoint
         from the attacked ones: another split), resized to the victim's input.
       iterations: DLG's L-BFGS steps on the denoised gradient (reference 20).
-      linesearch_steps: DLG's zoom line-search evaluations per step.
+      linesearch_steps, inner_steps: DLG's zoom line-search evaluations per
+        update (0: fixed step) and L-BFGS updates per iteration (as :class:`DLGConfig`).
       labels: DLG's label mode (``"joint"`` as DLG, or ``"infer"``).
       restarts: DLG restarts.
     """
@@ -61,7 +62,8 @@ class MjolnirConfig:
     aux_split: str = "train"
     aux_n: int = 512
     iterations: int = 20
-    linesearch_steps: int = 20
+    linesearch_steps: int = 0
+    inner_steps: int = 20
     labels: str = "joint"
     restarts: int = 1
 
@@ -73,7 +75,7 @@ class MjolnirConfig:
 
     def dlg(self) -> DLGConfig:
         return DLGConfig(iterations=self.iterations, linesearch_steps=self.linesearch_steps,
-                         labels=self.labels, restarts=self.restarts)
+                         inner_steps=self.inner_steps, labels=self.labels, restarts=self.restarts)
 
 
 def alpha_bars(timesteps: int, beta_start: float, beta_end: float) -> tuple[Array, Array]:
