@@ -170,7 +170,7 @@ def test_train_venom_then_attack_end_to_end(tmp_path, capsys):
 
 def test_train_fgla_uses_label_row_features_end_to_end(tmp_path, capsys):
     ckpt = tmp_path / "fgla"
-    code, out, err = _run(capsys, "train", "fgla", "--aux-dataset", "mnist-embedded", "--aux-split", "train",
+    code, _out, err = _run(capsys, "train", "fgla", "--aux-dataset", "mnist-embedded", "--aux-split", "train",
                           "--aux-n", "40", "--image-size", "16", "--model", "lenet-venom", "--epsilon", "5",
                           "--steps", "2", "--batch-size", "4", "--eval-size", "8", "--eval-every", "0",
                           *_TINY_NET, "--triplet-cache", str(tmp_path / "trip.npz"), "--quiet", "--out", str(ckpt))
