@@ -8,3 +8,5 @@ python experiments/venom/table1.py --dataset cifar10 --calibration paper --steps
 python experiments/venom/table1.py --dataset mnist --calibration dpsgd --steps 1500
 python experiments/venom/table1.py --dataset cifar10 --calibration dpsgd --steps 1500
 python experiments/venom/table1.py --dataset mnist --calibration paper --steps 3000 --networks venom --clamp-levels
+python experiments/venom/table1.py --dataset tinyimagenet32 --calibration paper --steps 3000
+python experiments/venom/table1.py --dataset tinyimagenet32 --calibration dpsgd --steps 1500
