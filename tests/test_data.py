@@ -130,8 +130,9 @@ def test_read_idx_labels_1d(tmp_path):
         (bytes([0, 0, 0x42, 1, 0, 0, 0, 1, 5]), "element type"),
         (bytes([0, 0, 8, 2, 0, 0, 0, 2]), "truncated IDX header"),
         (bytes([0, 0, 8, 1, 0, 0, 0, 3, 5, 6]), "shape"),
-        (gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 2, 5, 6]))[:-6], "gzip"),
+        (gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 2, 5, 6]), mtime=0)[:-6], "gzip"),
     ],
+    ids=["magic", "element-type", "truncated-header", "shape", "truncated-gzip"],  # stable across xdist workers
 )
 def test_read_idx_rejects_corrupt_files(tmp_path, content, match):
     path = tmp_path / "bad-labels-idx1-ubyte"

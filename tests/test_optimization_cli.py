@@ -82,12 +82,13 @@ def test_attack_idlg_on_client_batches_uses_hungarian_assignment(captures, tmp_p
 
 def test_attack_mjolnir_tiny(captures, tmp_path, capsys):
     code, out, _ = _run(capsys, "attack", "mjolnir", "--captures", captures["dp"], "--out", tmp_path / "m",
-                        "--iterations", "3", "--set", "train_steps=20", "--set", "hidden=32",
+                        "--iterations", "3", "--set", "train_steps=20", "--set", "denoiser=mlp", "--set", "hidden=32",
                         "--set", "aux_n=16", "--set", "timesteps=50", "--set", "linesearch_steps=3",
                         "--quiet")
     assert code == 0, out
     meta = json.loads((tmp_path / "m" / "metrics.json").read_text())
     assert meta["mjolnir"]["t_start"] >= 0 and meta["mjolnir"]["sigma"] > 0
+    assert meta["mjolnir"]["denoiser"] == "mlp" and "MLP" in meta["mjolnir"]["scaled_down"]
     assert np.load(tmp_path / "m" / "reconstructions.npz")["images"].shape == (2, 12, 12, 1)
 
 
@@ -111,7 +112,7 @@ def test_mjolnir_start_step_and_denoise_identity_without_noise():
     ratio = np.sqrt((1 - np.asarray(abar)) / np.asarray(abar))
     assert int(mjolnir.start_step(jnp.float32(ratio[123]), abar)) == 123
     assert int(mjolnir.start_step(jnp.float32(0.0), abar)) == -1
-    config = mjolnir.MjolnirConfig(timesteps=10, hidden=8, depth=1)
+    config = mjolnir.MjolnirConfig(timesteps=10, denoiser="mlp", hidden=8, depth=1)
     params = mjolnir.Denoiser(dim=5, hidden=8, depth=1).init(jax.random.key(0), jnp.zeros(5), jnp.zeros(()))
     x = jnp.arange(10.0).reshape(2, 5)
     out, t0 = mjolnir.denoise(params, 2.0, config, x, 0.0)
@@ -120,3 +121,49 @@ def test_mjolnir_start_step_and_denoise_identity_without_noise():
     back = mjolnir.unflatten_update(mjolnir.flatten_update(tree), tree)
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda u, v: bool(jnp.all(u == v)), tree, back))
 
+
+
+@pytest.mark.parametrize("dim,levels", [(1, 1), (16, 1), (17, 1), (19_000, 2), (26, 3), (4_097, 4)])
+def test_grid_side_is_the_least_square_that_halves_cleanly(dim, levels):
+    side = mjolnir.grid_side(dim, levels)
+    step = 2 ** (levels - 1)
+    assert side * side >= dim and side % step == 0
+    assert (side - step) ** 2 < dim  # one step smaller would not hold the update
+
+
+def test_unet_denoiser_maps_flat_updates_to_flat_updates():
+    net = mjolnir.UNetDenoiser(dim=50, channels=(4, 8), time_dim=8)
+    params = jax.jit(net.init)(jax.random.key(0), jnp.zeros(50), jnp.zeros(()))
+    x = jax.random.normal(jax.random.key(1), (3, 50))
+    out = jax.jit(net.apply)(params, x, jnp.array([3.0, 3.0, 300.0]))
+    assert out.shape == (3, 50) and bool(jnp.all(jnp.isfinite(out)))
+    assert not np.allclose(out[1], out[2])  # the step enters
+    np.testing.assert_allclose(jax.jit(net.apply)(params, x[0], 3.0), out[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="denoiser"):
+        mjolnir.MjolnirConfig(denoiser="transformer")
+
+
+def _low_rank_denoising(kind: str, **fields):
+    # Clean "updates" on a 2-D subspace of R^16: a trained denoiser must pull noisy ones back toward it.
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(16, 2)))[0].T * 4.0
+    data = jnp.asarray(rng.normal(size=(256, 2)) @ basis, jnp.float32)
+    config = mjolnir.MjolnirConfig(denoiser=kind, timesteps=100, train_steps=300, train_batch=32,
+                                   learning_rate=3e-3, time_dim=16, **fields)
+    params, _ = mjolnir.fit_denoiser(data, config, seed=0)
+    clean = data[:16]
+    noisy = clean + 0.3 * jax.random.normal(jax.random.key(5), clean.shape)
+    out, t0 = mjolnir.denoise(params, 1.0, config, noisy, 0.3)
+    assert t0 > 0
+    return float(jnp.mean((noisy - clean) ** 2)), float(jnp.mean((out - clean) ** 2))
+
+
+def test_mlp_denoiser_removes_noise_from_low_rank_updates():
+    before, after = _low_rank_denoising("mlp", hidden=64, depth=2)
+    assert after < 0.7 * before, (before, after)
+
+
+@pytest.mark.slow
+def test_unet_denoiser_removes_noise_from_low_rank_updates():
+    before, after = _low_rank_denoising("unet", unet_channels=(8,))
+    assert after < 0.85 * before, (before, after)

@@ -69,6 +69,9 @@ def test_dpsgd_accounting_round_trip_and_given_multiplier_reports_its_epsilon():
     {"clip": 0.0},
     {"calibration": "dpsgd", "epsilon": None},
     {"accountant": "moments"},
+    {"scope": "head"},
+    {"calibration": "dpsgd", "scope": "layer"},
+    {"calibration": "none", "scope": "layer"},
 ])
 def test_dp_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):
@@ -99,6 +102,43 @@ def test_protect_paper_clips_each_layer_jointly():
     conv = sum(i * min(1.0, 1.0 / (i * 2.0)) if i else 0.0 for i in range(3)) / 3
     np.testing.assert_allclose(out["head"]["bias"], np.full((2,), head), rtol=1e-6)
     np.testing.assert_allclose(out["conv"]["kernel"], np.full((4,), conv), rtol=1e-6)
+
+
+def test_protect_paper_layer_scope_protects_only_that_layer():
+    g = _per_example(3)
+    key = jax.random.PRNGKey(0)
+    kw = {"calibration": "paper", "mechanism": "gaussian", "clip": 1.0}
+    quiet = protect_update(g, key, noise_scale=0.0, only=("head",), **kw)
+    everything = protect_update(g, key, noise_scale=0.0, **kw)
+    np.testing.assert_allclose(quiet["head"]["kernel"], everything["head"]["kernel"], rtol=1e-6)
+    np.testing.assert_allclose(quiet["conv"]["kernel"], np.full((4,), 1.0))  # the mean of 0, 1, 2: unclipped
+    noisy = jax.jit(lambda k: protect_update(g, k, noise_scale=0.5, only=("head",), **kw))(key)
+    assert np.asarray(noisy["conv"]["kernel"]).tolist() == [1.0] * 4
+    assert float(jnp.max(jnp.abs(noisy["head"]["kernel"] - quiet["head"]["kernel"]))) > 0.01
+    with pytest.raises(ValueError, match="not found"):
+        protect_update(g, key, noise_scale=0.0, only=("fc",), **kw)
+
+
+def test_capture_layer_scope_keeps_the_head_and_releases_the_rest_unclipped():
+    from jaxleak.capture.simulate import capture_updates
+    from jaxleak.models import get_victim
+
+    victim = get_victim("lenet-dlg", image_shape=(16, 16, 3), num_classes=4)
+    variables = victim.init(jax.random.PRNGKey(0))
+    images = np.asarray(jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3)))
+    labels = np.array([1, 3])
+    caps = {scope: capture_updates(victim, variables, images, labels, keep_update=True,
+                                   dp=DPConfig(calibration="paper", epsilon=1e9, scope=scope))
+            for scope in ("all", "layer")}
+    clean = capture_updates(victim, variables, images, labels, keep_update=True, dp=DPConfig(calibration="none"))
+    np.testing.assert_allclose(caps["layer"].fc_weight_grad, caps["all"].fc_weight_grad, atol=1e-6)
+    assert caps["layer"].meta["scope"] == "layer"
+    head = "/".join(victim.layers["head"].path) + "/"
+    rest = lambda c: [v for k, v in sorted(c.update.items()) if not k.startswith(head)]
+    assert len(rest(clean)) >= 2 and len(rest(clean)) < len(clean.update)
+    for a, b in zip(rest(caps["layer"]), rest(clean)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert any(not np.allclose(a, b, atol=1e-6) for a, b in zip(rest(caps["all"]), rest(clean)))
 
 
 @pytest.mark.parametrize("calibration,mechanism,batch", [

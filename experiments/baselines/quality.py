@@ -43,13 +43,28 @@ def main() -> None:
     parser.add_argument("--no-clean", action="store_true", help="skip the no-defense setting")
     parser.add_argument("--seed", type=int, default=0, help="which test images (data seed)")
     parser.add_argument("--out", default="baselines-quality")
+    parser.add_argument("--dp-scope", choices=("all", "layer"), default="all",
+                        help="paper rows: protect every layer (default) or only the FC head (DPConfig.scope)")
+    parser.add_argument("--mjolnir-aux", default=None, metavar="DATASET[:SPLIT]",
+                        help="Mjolnir's auxiliary images (default: MjolnirConfig's, embedded MNIST)")
+    parser.add_argument("--mjolnir-denoiser", choices=("mlp", "unet"), default="mlp",
+                        help="Mjolnir's denoiser (default mlp: the UNet of the reference design takes hours "
+                             "to train on a CPU)")
+    parser.add_argument("--batching", choices=("vmap", "map"), default="vmap",
+                        help="driver option; on CPU 'map' avoids grouped convolutions (docs/baselines.md)")
+    parser.add_argument("--chunk", type=int, default=100, help="iterations per compiled call")
+    parser.add_argument("--unroll", type=int, default=1, help="scan unroll (CPU: equal to --chunk)")
+    parser.add_argument("--target-batch", type=int, default=16, help="targets per compiled block")
     args = parser.parse_args()
     budget = {k: int(v) for k, v in (item.split("=") for item in args.budget)}
     data = audit.load_data(args.dataset, split=args.split, n=args.n, image_size=args.image_size,
                            seed=args.seed)
     victim, variables, vmeta = audit.build_victim(args.model, dataset=data, width=args.width)
     settings = ([] if args.no_clean else [("none", DPConfig(calibration="none"))]) + [
-        (f"paper eps={e:g}", DPConfig(calibration="paper", epsilon=e)) for e in args.epsilons]
+        (f"paper eps={e:g}" + ("" if args.dp_scope == "all" else " head-only"),
+         DPConfig(calibration="paper", epsilon=e, scope=args.dp_scope)) for e in args.epsilons]
+    driver = {"batching": args.batching, "chunk": args.chunk, "unroll": args.unroll,
+              "target_batch": args.target_batch}
     rows = []
     os.makedirs(args.out, exist_ok=True)
     for name, dp in settings:
@@ -58,8 +73,13 @@ def main() -> None:
         for attack in args.attacks:
             for null in ([None, "shuffle"] if args.null else [None]):
                 overrides = {"iterations": budget[attack]} if attack in budget else {}
-                out = os.path.join(args.out, name.replace(" ", "_").replace("=", ""), attack + ("-null" if null else ""))
-                rows.append(_row(cap, attack, out, overrides, null, name))
+                if attack == "mjolnir":
+                    overrides["denoiser"] = args.mjolnir_denoiser
+                if attack == "mjolnir" and args.mjolnir_aux:
+                    aux, _, split = args.mjolnir_aux.partition(":")
+                    overrides.update(aux_dataset=aux, aux_split=split or "train")
+                out = os.path.join(args.out, name.replace(" ", "_").replace("=", "").replace("-", ""), attack + ("-null" if null else ""))
+                rows.append(_row(cap, attack, out, overrides, null, name, driver))
                 with open(os.path.join(args.out, "results.json"), "w") as f:  # after every row: resumable
                     json.dump({"args": vars(args), "rows": rows}, f, indent=2)
     print("| setting | attack | null | iterations | PSNR | SSIM | LPIPS | ASR@0.5 | label acc | s/image |")
@@ -71,11 +91,11 @@ def main() -> None:
               f"{fmt(r['label_correct'])} | {fmt(r['seconds_per_image'])} |")
 
 
-def _row(cap, attack: str, out: str, overrides: dict, null, setting: str) -> dict:
+def _row(cap, attack: str, out: str, overrides: dict, null, setting: str, driver: dict) -> dict:
     """Runs one attack (or reuses a finished ``out``) and summarises its metrics.json."""
     path = os.path.join(out, "metrics.json")
     if not os.path.exists(path):
-        audit.attack_optimization(cap, attack, out_dir=out, overrides=overrides, null=null)
+        audit.attack_optimization(cap, attack, out_dir=out, overrides=overrides, null=null, **driver)
     with open(path) as f:
         meta = json.load(f)
     metrics = meta["metrics"]

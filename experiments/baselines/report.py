@@ -5,6 +5,7 @@
 Each row: one (setting, attack); the attack's PSNR / SSIM / LPIPS (alex) / ASR@0.5 on the real updates,
 the same for its ``shuffle`` null control, and Venom Table 1's CIFAR-10 row for that attack and epsilon
 (256x256 inputs, its LeNet; "-" where the paper has none: no-defense runs, GradInversion, iDLG).
+"head-only" settings protect only the FC layer (``--dp-scope layer``); the others every layer.
 """
 
 from __future__ import annotations
@@ -34,8 +35,14 @@ def _cells(row) -> str:
             f"{_fmt(row.get('asr@0.5'))}")
 
 
-def _setting_key(setting: str) -> tuple[int, float]:
-    return (0, 0.0) if setting == "none" else (1, -float(setting.split("=")[1]))
+def _epsilon(setting: str) -> float | None:
+    """``"paper eps=10"`` / ``"paper eps=10 head-only"`` -> 10.0; ``"none"`` -> None."""
+    return None if setting == "none" else float(setting.split("=")[1].split()[0])
+
+
+def _setting_key(setting: str) -> tuple[int, bool, float]:
+    eps = _epsilon(setting)
+    return (0, False, 0.0) if eps is None else (1, "head-only" in setting, -eps)
 
 
 def main(paths: list[str]) -> int:
@@ -49,7 +56,7 @@ def main(paths: list[str]) -> int:
     print("|---|---|---|---|---|---|---|---|")
     settings = sorted({k[0] for k in rows}, key=_setting_key)
     for setting in settings:
-        eps = None if setting == "none" else float(setting.split("=")[1])
+        eps = _epsilon(setting)
         for attack in ORDER:
             real, null = rows.get((setting, attack, None)), rows.get((setting, attack, "shuffle"))
             if real is None and null is None:

@@ -3,8 +3,10 @@
 The math is written for one client (``_client_update``); a single jitted
 ``vmap`` runs a chunk of clients at once, and :func:`capture_updates` walks the
 chunks on the host. Client ``i`` draws its noise from
-``fold_in(PRNGKey(seed), i)``, so results do not depend on the chunk size and
-the same seed gives the same capture bit for bit on one backend.
+``fold_in(PRNGKey(seed), i)``, so results do not depend on the chunk size (up
+to float rounding: XLA may vectorise the gradient math differently per chunk
+shape) and the same seed and chunk size give the same capture bit for bit on
+one machine.
 """
 
 from __future__ import annotations
@@ -45,14 +47,18 @@ def protected_layer(
     clip: float,
     noise_scale: float | Float[Array, ""],
     layer: str,
+    scope: str = "all",
 ) -> tuple[Float[Array, "k d"], Float[Array, " k"], PyTree]:
     """ONE client's protected update and its dense ``layer`` as class-major ``([K, d], [K])``.
 
     ``noise_scale`` may be traced (training triplets draw it per image).
+    ``scope="layer"`` protects only ``layer`` under the paper calibration.
     """
     grads = per_example_grads(victim, variables, images, labels)
+    only = victim.layers[layer].path if scope == "layer" else None
     update = protect_update(
-        grads, key, calibration=calibration, mechanism=mechanism, clip=clip, noise_scale=noise_scale
+        grads, key, calibration=calibration, mechanism=mechanism, clip=clip, noise_scale=noise_scale,
+        only=only,
     )
     dense = victim.layers[layer].select(update)
     # Flax kernels are [d, K]; captures are class-major [K, d].
@@ -72,7 +78,7 @@ def _client_update(
 ) -> tuple[Float[Array, "k d"], Float[Array, " k"], PyTree | None]:
     gw, gb, update = protected_layer(
         victim, variables, images, labels, key, calibration=dp.calibration,
-        mechanism=dp.mechanism, clip=dp.clip, noise_scale=dp.noise_scale, layer=layer,
+        mechanism=dp.mechanism, clip=dp.clip, noise_scale=dp.noise_scale, layer=layer, scope=dp.scope,
     )
     return gw, gb, (update if keep_update else None)
 

@@ -20,6 +20,7 @@ from jaxleak.privacy.clipping import clip_by_global_norm
 
 CALIBRATIONS = ("paper", "dpsgd", "none")
 MECHANISMS = ("gaussian", "laplace")
+SCOPES = ("all", "layer")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,6 +39,12 @@ class DPConfig:
       sampling_rate: DP-SGD Poisson sampling rate ``q`` for the accountant.
       steps: DP-SGD steps composed by the accountant.
       accountant: ``"rdp"`` or ``"pld"``.
+      scope: which layers the ``paper`` calibration protects: ``"all"`` (every
+        layer clipped to ``C`` on its own, then noised) or ``"layer"`` (only the
+        captured dense layer, the FC layer of the paper's wording; the other
+        layers are released as the plain mean gradient). The two agree on
+        everything that reads only that layer (SPE, Venom, FGLA); they differ for
+        attacks that match the whole update (docs/baselines.md).
     """
 
     calibration: str = "paper"
@@ -50,6 +57,7 @@ class DPConfig:
     sampling_rate: float = 1.0
     steps: int = 1
     accountant: str = "rdp"
+    scope: str = "all"
 
     def __post_init__(self):
         if self.calibration not in CALIBRATIONS:
@@ -58,6 +66,11 @@ class DPConfig:
             raise ValueError(f"mechanism must be one of {MECHANISMS}, got {self.mechanism!r}")
         if self.calibration == "dpsgd" and self.mechanism != "gaussian":
             raise ValueError("DP-SGD is defined with the Gaussian mechanism; use --mechanism gaussian")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.scope != "all" and self.calibration != "paper":
+            raise ValueError(f"scope {self.scope!r} exists only under the paper calibration "
+                             f"(dpsgd clips the whole gradient; none protects nothing)")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
         if self.calibration != "none":
@@ -83,6 +96,7 @@ class ResolvedDP:
       noise_variance: ``noise_std ** 2`` (the ``sigma^2`` SPE may be given).
       noise_multiplier: DP-SGD ``z`` (``None`` otherwise).
       epsilon: the epsilon the noise was calibrated for (``inf`` for ``none``).
+      scope: ``"all"`` or ``"layer"`` (see :class:`DPConfig`).
     """
 
     calibration: str
@@ -96,6 +110,7 @@ class ResolvedDP:
     epsilon: float
     delta: float
     accountant: str | None
+    scope: str = "all"
 
     def as_meta(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,7 +167,7 @@ def resolve(config: DPConfig, *, batch_size: int = 1) -> ResolvedDP:
         return ResolvedDP(
             calibration="paper", mechanism=c.mechanism, batch_size=batch_size, clip=c.clip,
             noise_scale=scale, noise_std=math.sqrt(var), noise_variance=var, noise_multiplier=None,
-            epsilon=float(c.epsilon), delta=c.delta, accountant=None,
+            epsilon=float(c.epsilon), delta=c.delta, accountant=None, scope=c.scope,
         )
     if c.noise_multiplier is not None:
         # The noise is given: report the epsilon it actually buys, not the one asked for.
@@ -185,6 +200,21 @@ def _noise_like(key: PRNGKeyArray, tree: PyTree, scale: float, mechanism: str) -
     return jax.tree_util.tree_unflatten(treedef, noise)
 
 
+def _at(tree: PyTree, path: tuple[str, ...]) -> PyTree:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            raise ValueError(f"layer path {path} not found in the update")
+        tree = tree[key]
+    return tree
+
+
+def _replace_at(tree: PyTree, path: tuple[str, ...], value: PyTree) -> PyTree:
+    """``tree`` with the subtree at ``path`` replaced by ``value`` (new dicts along the path)."""
+    if not path:
+        return value
+    return {**tree, path[0]: _replace_at(tree[path[0]], path[1:], value)}
+
+
 def _map_layers(fn, tree: PyTree) -> PyTree:
     """Applies ``fn`` to every innermost dict of arrays (one layer: kernel + bias, ...)."""
     if isinstance(tree, dict) and tree and all(not isinstance(v, dict) for v in tree.values()):
@@ -202,6 +232,7 @@ def protect_update(
     mechanism: str,
     clip: float,
     noise_scale: float,
+    only: tuple[str, ...] | None = None,
 ) -> PyTree:
     """The released update of one client from its per-example gradients.
 
@@ -211,7 +242,9 @@ def protect_update(
     * ``paper``: each layer's (kernel and bias jointly) per-example gradient is
       clipped to ``clip``, averaged, and noise of ``noise_scale`` is added to every
       coordinate. For ``B = 1`` this is exactly the paper's joint clip of the FC
-      weight and bias gradient; other layers get the same treatment.
+      weight and bias gradient; other layers get the same treatment, unless
+      ``only`` names one layer: then that layer alone is clipped and noised and
+      the rest is the mean gradient (``DPConfig.scope = "layer"``).
     * ``dpsgd``: the whole per-example gradient is clipped to ``clip``, summed,
       Gaussian noise of std ``noise_scale`` (= z C) is added to the sum, and the
       result is divided by ``B``.
@@ -220,6 +253,7 @@ def protect_update(
       per_example_grads: pytree of ``[B, ...]`` gradients of one client.
       key: PRNG key of this client.
       calibration, mechanism, clip, noise_scale: from :func:`resolve` (static).
+      only: keys leading to the one layer protected under ``paper`` (``None``: all).
 
     Returns:
       The protected update, a pytree shaped like one example's gradient.
@@ -228,6 +262,11 @@ def protect_update(
     batch = leaves[0].shape[0]
     if calibration == "none":
         return jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), per_example_grads)
+    if calibration == "paper" and only is not None:
+        mean = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), per_example_grads)
+        layer = protect_update(_at(per_example_grads, only), key, calibration="paper", mechanism=mechanism,
+                               clip=clip, noise_scale=noise_scale)
+        return _replace_at(mean, only, layer)
     if calibration == "paper":
         clip_one = lambda layer: clip_by_global_norm(layer, clip)[0]
         clipped = jax.vmap(lambda g: _map_layers(clip_one, g))(per_example_grads)
