@@ -433,15 +433,19 @@ def test_load_resolves_partially_stored_options(tmp_path):
         )
 
 
-@pytest.mark.parametrize("name", ["lenet-dlg", "lenet-venom"])
-def test_patches_convolution_matches_xla_with_the_same_parameters(name):
+@pytest.mark.parametrize(
+    "name, width", [("lenet-dlg", None), ("lenet-venom", None), ("convnet", 2), ("resnet8", 2)]
+)
+def test_patches_convolution_matches_xla_with_the_same_parameters(name, width):
     import jax.numpy as jnp
 
     from jaxleak.capture import per_example_grads
 
-    xla = get_victim(name, image_shape=(12, 12, 3), num_classes=5, conv_impl="xla")
-    patches = get_victim(name, image_shape=(12, 12, 3), num_classes=5, conv_impl="patches")
+    kw = dict(image_shape=(12, 12, 3), num_classes=5, width=width)
+    xla = get_victim(name, conv_impl="xla", **kw)
+    patches = get_victim(name, conv_impl="patches", **kw)
     va, vb = xla.init(jax.random.PRNGKey(3)), patches.init(jax.random.PRNGKey(3))
+    assert jax.tree_util.tree_structure(va) == jax.tree_util.tree_structure(vb)
     for a, b in zip(jax.tree_util.tree_leaves(va), jax.tree_util.tree_leaves(vb)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     x = jnp.asarray(np.random.default_rng(1).random((3, 12, 12, 3), np.float32))
@@ -457,12 +461,12 @@ def test_conv_impl_is_validated():
     with pytest.raises(ValueError, match="conv_impl"):
         get_victim("lenet-dlg", image_shape=(8, 8, 1), num_classes=3, conv_impl="cudnn")
     with pytest.raises(ValueError, match="patches"):
-        get_victim("convnet", image_shape=(16, 16, 3), num_classes=3, conv_impl="patches")
+        get_victim("mlp", image_shape=(16, 16, 3), num_classes=3, conv_impl="patches")
     lenet = get_victim("lenet-dlg", image_shape=(8, 8, 1), num_classes=3)
     assert lenet.conv_impl == "xla" and lenet.with_conv_impl("xla") is lenet
     swapped = lenet.with_conv_impl("patches")
     assert swapped.conv_impl == "patches" and swapped.module.conv_impl == "patches"
-    convnet = get_victim("convnet", image_shape=(16, 16, 3), num_classes=3, width=4)
-    assert convnet.with_conv_impl("xla") is convnet
+    mlp = get_victim("mlp", image_shape=(16, 16, 3), num_classes=3, width=4)
+    assert mlp.conv_impl is None and mlp.with_conv_impl("xla") is mlp
     with pytest.raises(ValueError, match="patches"):
-        convnet.with_conv_impl("patches")
+        mlp.with_conv_impl("patches")

@@ -71,7 +71,8 @@ def test_vmapped_attack_equals_per_target_attack(tiny):
 def test_driver_matches_an_unbatched_python_loop(tiny):
     victim, variables, _, labels, updates = tiny
     config = O.IGConfig(iterations=15)
-    res = O.reconstruct("ig", victim, variables, updates, config=config, true_labels=labels, chunk=5)
+    res = O.reconstruct("ig", victim, variables, updates, config=config, true_labels=labels, chunk=5,
+                        conv_impl="xla")
     problem = O.make_ig(victim, config, 1)
     t = 1
     target = {"update": jax.tree_util.tree_map(lambda a: a[t], updates),
@@ -87,6 +88,29 @@ def test_driver_matches_an_unbatched_python_loop(tiny):
             best, best_loss = cand, float(loss)
     np.testing.assert_allclose(res.images[t], best.images, atol=1e-5)
     np.testing.assert_allclose(res.loss[t], best_loss, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("model", ["convnet", "resnet8"])
+def test_patches_and_xla_convolutions_give_the_same_attack_objective_and_gradient(model):
+    """The attacks' double backward is the same under both convolution implementations."""
+    victim = get_victim(model, image_shape=(12, 12, 1), num_classes=K, width=2)
+    variables = victim.init(jax.random.key(0))
+    x_true, x = jax.random.uniform(jax.random.key(1), (2, 1, 12, 12, 1))
+    y = jax.nn.one_hot(jnp.array([3]), K)
+    target = O.dummy_gradient(victim, variables, x_true, y)
+    weights = O.layer_weights(variables["params"])
+
+    def objective(impl):
+        v = victim.with_conv_impl(impl)
+        loss = lambda z: O.cosine_distance(O.dummy_gradient(v, variables, z, y), target, weights)
+        return jax.jit(jax.value_and_grad(loss))(x)
+
+    (la, ga), (lb, gb) = objective("xla"), objective("patches")
+    np.testing.assert_allclose(lb, la, rtol=1e-5)
+    np.testing.assert_allclose(gb, ga, rtol=1e-3, atol=1e-3 * float(jnp.abs(ga).max()))
+    assert O.attack_conv_impl(victim) == "patches" and O.attack_conv_impl(victim, "xla") == "xla"
+    mlp = get_victim("mlp", image_shape=(4, 4, 1), num_classes=K, hidden=4)
+    assert O.attack_conv_impl(mlp) == "xla"
 
 
 def test_dlg_inner_steps_chain_lbfgs_updates_like_torch_max_iter(tiny):

@@ -55,6 +55,7 @@ def test_attack_ig_then_null_control(captures, tmp_path, capsys):
     assert 0 <= rec["images"].min() and rec["images"].max() <= 1
     meta = json.loads((tmp_path / "ig" / "metrics.json").read_text())
     assert meta["config"]["iterations"] == 200 and meta["config"]["tv"] == 1e-6
+    assert meta["conv_impl"] == "patches"  # auto
     assert len(meta["metrics"]["ssim"]["values"]) == 3
     if have_lpips:  # upsampled to 64x64 for AlexNet; near 0 for a > 30 dB reconstruction
         assert len(meta["metrics"]["lpips_alex"]["values"]) == 3 and summary["means"]["lpips_alex"] < 0.1
@@ -63,11 +64,12 @@ def test_attack_ig_then_null_control(captures, tmp_path, capsys):
         assert "lpips_alex" not in summary["means"] and "lpips not computed" in meta["note"]
 
     code, out, _ = _run(capsys, "attack", "ig", "--captures", captures["clean"], "--out", tmp_path / "null",
-                        "--iterations", "200", "--null", "shuffle", "--quiet")
+                        "--iterations", "200", "--null", "shuffle", "--conv-impl", "xla", "--quiet")
     assert code == 0
     null = json.loads(out)
     assert null["null_control"] == "shuffle" and null["means"]["psnr"] < summary["means"]["psnr"] - 15
-    assert "NULL CONTROL" in json.loads((tmp_path / "null" / "metrics.json").read_text())["note"]
+    null_meta = json.loads((tmp_path / "null" / "metrics.json").read_text())
+    assert "NULL CONTROL" in null_meta["note"] and null_meta["conv_impl"] == "xla"
 
 
 def test_attack_idlg_on_client_batches_uses_hungarian_assignment(captures, tmp_path, capsys):

@@ -95,6 +95,10 @@ def _compiled_chunk(victim, dp: ResolvedDP, layer: str, keep_update: bool):
     return jax.jit(chunk)
 
 
+# Victims whose capture was measured faster with im2col convolutions on a GPU (BENCHMARKS.md).
+_CAPTURE_PATCHES_MEASURED = ("lenet-dlg", "lenet-venom")
+
+
 def capture_conv_impl(victim, calibration: str, *, keep_update: bool = False, conv_impl: str = "auto") -> str:
     """Convolution implementation for a capture step (``"auto"`` decides by workload).
 
@@ -102,11 +106,12 @@ def capture_conv_impl(victim, calibration: str, *, keep_update: bool = False, co
     matter: under ``dpsgd`` (whole-gradient clipping) or when the whole update
     is kept. On GPUs those are 3-5x faster as im2col ``"patches"``, while the
     forward-only work of the other cases is faster with XLA's convolution
-    (BENCHMARKS.md, H100). On CPU both measured alike, so ``"xla"``.
+    (BENCHMARKS.md, H100). On CPU both measured alike, so ``"xla"``. Measured
+    for the LeNets only, so the other conv victims keep ``"xla"``.
     """
     if conv_impl != "auto":
         return conv_impl
-    if victim.conv_impl is None or jax.default_backend() == "cpu":
+    if victim.name not in _CAPTURE_PATCHES_MEASURED or jax.default_backend() == "cpu":
         return "xla"
     return "patches" if (calibration == "dpsgd" or keep_update) else "xla"
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import flax.linen as nn
 from jaxtyping import Array, Float
 
-from jaxleak.models._common import batch_norm, dense_head, torch_padding
+from jaxleak.models._common import Conv, batch_norm, dense_head
 
 # Channel multiplier of each conv layer; "pool" marks a 3x3 / stride-3 max-pool.
 _PLAN: tuple[int | str, ...] = (1, 2, 2, 4, 4, 4, "pool", 4, 4, "pool")
@@ -39,10 +39,12 @@ class ConvNet(nn.Module):
     Attributes:
       num_classes: number of logits K.
       width: base width w (the reference default for CIFAR is 64).
+      conv_impl: ``"xla"`` or ``"patches"`` (see :class:`Conv`; same parameters).
     """
 
     num_classes: int
     width: int = 64
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"], train: bool = False) -> Float[Array, "b k"]:
@@ -51,9 +53,7 @@ class ConvNet(nn.Module):
             if step == "pool":
                 x = nn.max_pool(x, (3, 3), strides=(3, 3), padding="VALID")
                 continue
-            x = nn.Conv(
-                step * self.width, (3, 3), padding=torch_padding(3), name=f"conv{conv_index}"
-            )(x)
+            x = Conv(step * self.width, 3, impl=self.conv_impl, name=f"conv{conv_index}")(x)
             x = nn.relu(batch_norm(train, name=f"bn{conv_index}")(x))
             conv_index += 1
         return dense_head(self, x, self.num_classes)

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from jaxleak.models._common import batch_norm, dense_head, torch_padding
+from jaxleak.models._common import Conv, batch_norm, dense_head
 
 
 class BasicBlock(nn.Module):
@@ -31,37 +31,25 @@ class BasicBlock(nn.Module):
     Attributes:
       features: output channels.
       stride: stride of the first convolution (and of the projection).
+      conv_impl: ``"xla"`` or ``"patches"`` (see :class:`Conv`; same parameters).
     """
 
     features: int
     stride: int = 1
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(
         self, x: Float[Array, "b h w c"], train: bool = False
     ) -> Float[Array, "b h2 w2 f"]:
-        y = nn.Conv(
-            self.features,
-            (3, 3),
-            strides=self.stride,
-            padding=torch_padding(3),
-            use_bias=False,
-            name="conv1",
-        )(x)
-        y = nn.relu(batch_norm(train, name="bn1")(y))
-        y = nn.Conv(self.features, (3, 3), padding=torch_padding(3), use_bias=False, name="conv2")(
-            y
+        conv = lambda k, stride, name: Conv(
+            self.features, k, strides=stride, use_bias=False, impl=self.conv_impl, name=name
         )
-        y = batch_norm(train, name="bn2")(y)
+        y = conv(3, self.stride, "conv1")(x)
+        y = nn.relu(batch_norm(train, name="bn1")(y))
+        y = batch_norm(train, name="bn2")(conv(3, 1, "conv2")(y))
         if self.stride != 1 or x.shape[-1] != self.features:
-            x = nn.Conv(
-                self.features,
-                (1, 1),
-                strides=self.stride,
-                padding="VALID",
-                use_bias=False,
-                name="shortcut_conv",
-            )(x)
+            x = conv(1, self.stride, "shortcut_conv")(x)
             x = batch_norm(train, name="shortcut_bn")(x)
         return nn.relu(y + x)
 
@@ -74,22 +62,27 @@ class CifarResNet(nn.Module):
       stage_sizes: BasicBlocks per stage.
       width: channels of the stem and first stage; stage i has ``width * 2**i``.
       spatial_head: head on the flattened last map instead of after global pooling.
+      conv_impl: ``"xla"`` or ``"patches"`` (see :class:`Conv`; same parameters).
     """
 
     num_classes: int
     stage_sizes: tuple[int, ...]
     width: int = 64
     spatial_head: bool = False
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"], train: bool = False) -> Float[Array, "b k"]:
-        x = nn.Conv(self.width, (3, 3), padding=torch_padding(3), use_bias=False, name="conv0")(x)
+        x = Conv(self.width, 3, use_bias=False, impl=self.conv_impl, name="conv0")(x)
         x = nn.relu(batch_norm(train, name="bn0")(x))
         for stage, num_blocks in enumerate(self.stage_sizes):
             for block in range(num_blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
                 x = BasicBlock(
-                    self.width * 2**stage, stride=stride, name=f"layer{stage + 1}_{block}"
+                    self.width * 2**stage,
+                    stride=stride,
+                    conv_impl=self.conv_impl,
+                    name=f"layer{stage + 1}_{block}",
                 )(x, train)
         if not self.spatial_head:
             x = jnp.mean(x, axis=(1, 2), keepdims=True)

@@ -82,8 +82,8 @@ class Victim:
       has_batch_stats: whether the variables hold a ``batch_stats`` collection.
       width: base width for the conv nets that have one (``None`` otherwise).
       hidden: hidden widths of the MLP (``None`` for the other models).
-      conv_impl: how the LeNets' convolutions run (``"xla"`` or ``"patches"``);
-        parameters are the same either way. ``None`` for the other models.
+      conv_impl: how the convolutions run (``"xla"`` or ``"patches"``);
+        parameters are the same either way. ``None`` for ``mlp``.
     """
 
     name: str
@@ -307,12 +307,15 @@ def _lenet_builder(cls: type[nn.Module]) -> Callable[..., _Built]:
 
 _build_lenet_dlg = _lenet_builder(LeNetDLG)
 _build_lenet_venom = _lenet_builder(LeNetVenom)
-# Models whose convolutions can run as im2col patches (measured: BENCHMARKS.md).
-_CONV_IMPL_MODELS = ("lenet-dlg", "lenet-venom")
 
 
 def _build_convnet(
-    name: str, image_shape: tuple[int, int, int], num_classes: int, width: int | None, hidden: Any
+    name: str,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    width: int | None,
+    hidden: Any,
+    conv_impl: str = "xla",
 ) -> _Built:
     _reject_option(name, "hidden", hidden)
     if min(image_shape[:2]) < 9:
@@ -322,7 +325,10 @@ def _build_convnet(
         )
     width = 64 if width is None else width
     return _Built(
-        module=ConvNet(num_classes=num_classes, width=width), paths=_HEAD_ONLY, width=width
+        module=ConvNet(num_classes=num_classes, width=width, conv_impl=conv_impl),
+        paths=_HEAD_ONLY,
+        width=width,
+        conv_impl=conv_impl,
     )
 
 
@@ -333,14 +339,19 @@ def _resnet_builder(stage_sizes: tuple[int, ...], default_width: int, spatial: b
         num_classes: int,
         width: int | None,
         hidden: Any,
+        conv_impl: str = "xla",
     ) -> _Built:
         _reject_option(name, "hidden", hidden)
         _require_multiple(name, image_shape, 2 ** (len(stage_sizes) - 1))
         width = default_width if width is None else width
         module = CifarResNet(
-            num_classes=num_classes, stage_sizes=stage_sizes, width=width, spatial_head=spatial
+            num_classes=num_classes,
+            stage_sizes=stage_sizes,
+            width=width,
+            spatial_head=spatial,
+            conv_impl=conv_impl,
         )
-        return _Built(module=module, paths=_HEAD_ONLY, width=width)
+        return _Built(module=module, paths=_HEAD_ONLY, width=width, conv_impl=conv_impl)
 
     return build
 
@@ -432,6 +443,9 @@ _REGISTRY: dict[str, _Entry] = {
 VICTIMS: dict[str, str] = {name: entry.description for name, entry in _REGISTRY.items()}
 """Victim name -> one-line description."""
 
+# Models whose convolutions can also run as im2col patches (every model with convolutions).
+_CONV_IMPL_MODELS = tuple(name for name in _REGISTRY if name != "mlp")
+
 
 def _check_image_shape(image_shape: Any) -> tuple[int, int, int]:
     is_sequence = isinstance(image_shape, Sequence | np.ndarray) and not isinstance(
@@ -489,9 +503,10 @@ def get_victim(
         ResNet-18, 16 for ResNet-8); for ``mlp``, the width of a single hidden
         layer. Not accepted by the LeNets.
       hidden: ``mlp`` only: hidden width(s), an int or a sequence (default 256).
-      conv_impl: the LeNets' convolution implementation (:class:`Conv`): ``"xla"``
-        or ``"patches"`` (im2col; much faster per-example gradients on GPUs). Other
-        models accept ``"xla"`` only. Capture picks per workload, see
+      conv_impl: the convolution implementation (:class:`Conv`): ``"xla"`` or
+        ``"patches"`` (im2col; much faster per-example gradients on GPUs, and
+        double-backward attack steps inside loops on CPU). ``mlp`` accepts
+        ``"xla"`` only. Capture and the attacks pick per workload, see
         :meth:`Victim.with_conv_impl`.
 
     Returns:

@@ -58,6 +58,7 @@ from jaxleak.attacks.optimization._matching import (
 from jaxleak.attacks.optimization._run import (
     ATTACKS,
     AttackSpec,
+    attack_conv_impl,
     check_updates,
     default_config,
     head_gradients,
@@ -80,6 +81,7 @@ __all__ = [
     "Problem",
     "RunOptions",
     "RunResult",
+    "attack_conv_impl",
     "batch_loss",
     "batchnorm_prior",
     "check_updates",

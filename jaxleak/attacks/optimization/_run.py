@@ -97,6 +97,28 @@ def prepare_targets(
     return {"update": updates, "label_probs": probs}
 
 
+def attack_conv_impl(victim, conv_impl: str = "auto") -> str:
+    """Convolution implementation for an attack's steps (``"auto"`` decides).
+
+    Every step differentiates the victim's gradient again (double backward).
+    With XLA's convolution, XLA:CPU ran those steps 11.6x slower inside the
+    compiled iteration loop than as im2col ``"patches"`` (IG, ConvNet width 64,
+    32x32, BENCHMARKS.md), and under ``vmap`` over targets the per-target
+    weight gradients become grouped convolutions, which were 4-5x slower than
+    im2col on an H100 in the capture benchmark. So ``"auto"`` picks
+    ``"patches"`` for every victim with convolutions, on every backend (not
+    yet measured for attacks on a GPU); ``"xla"`` for the MLP. Only the speed
+    changes (same parameters, same math up to float rounding).
+
+    >>> from jaxleak.models import get_victim
+    >>> attack_conv_impl(get_victim("convnet", image_shape=(16, 16, 3), num_classes=3, width=2))
+    'patches'
+    """
+    if conv_impl != "auto":
+        return conv_impl
+    return "xla" if victim.conv_impl is None else "patches"
+
+
 def reconstruct(
     attack: str,
     victim,
@@ -114,6 +136,7 @@ def reconstruct(
     progress: bool = False,
     batching: str = "vmap",
     unroll: int = 1,
+    conv_impl: str = "auto",
 ) -> RunResult:
     """Runs an optimisation attack on ``T`` observed updates at once.
 
@@ -127,6 +150,7 @@ def reconstruct(
       true_labels: ``[T, B]`` labels, used when ``config.labels == "known"``.
       chunk, target_batch, patience, min_delta, seed, progress, batching, unroll: see
         :class:`RunOptions`.
+      conv_impl: the victim's convolutions during the attack (:func:`attack_conv_impl`).
 
     Returns:
       The driver's :class:`RunResult` (images ``[T, B, H, W, C]``, unclipped).
@@ -136,6 +160,7 @@ def reconstruct(
     """
     config = default_config(attack) if config is None else config
     check_updates(victim, variables, updates)
+    victim = victim.with_conv_impl(attack_conv_impl(victim, conv_impl))
     targets = prepare_targets(victim, updates, labels=config.labels, batch_size=batch_size,
                               true_labels=true_labels)
     problem = ATTACKS[attack].make(victim, config, batch_size)
@@ -232,6 +257,7 @@ def match_batch(
 __all__ = [
     "ATTACKS",
     "AttackSpec",
+    "attack_conv_impl",
     "check_updates",
     "default_config",
     "head_gradients",
