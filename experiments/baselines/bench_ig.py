@@ -5,7 +5,8 @@ Runs the IG attack (reference CIFAR setting: cosine over all layers, signed Adam
 steps, excluding compilation, and extrapolates linearly to the reference budget
 of 24,000 iterations (the per-iteration cost is constant: fixed shapes, no
 data-dependent control flow). Images are random: the cost does not depend on
-their content. Prints one JSON line per batch of targets.
+their content. Prints one JSON line per batch of targets and convolution
+implementation (``--conv-impl xla patches`` measures both side by side).
 
     python experiments/baselines/bench_ig.py --targets 1 16 --iterations 200
 """
@@ -35,7 +36,7 @@ def victim_and_variables(model: str, width: int | None):
 
 
 def measure(targets: int, iterations: int, budget: int, model: str, width: int | None, chunk: int,
-            batching: str, unroll: int) -> dict:
+            batching: str, unroll: int, conv_impl: str = "auto") -> dict:
     """Times ``iterations`` IG steps of one block of ``targets`` targets; the JSON-ready row of main()."""
     victim, variables = victim_and_variables(model, width)
     t = targets
@@ -45,7 +46,8 @@ def measure(targets: int, iterations: int, budget: int, model: str, width: int |
     updates = grad(images, labels)
     # The step-decay milestones are placed for the full budget, as in a real 24k-iteration run.
     config = O.IGConfig(iterations=budget)
-    problem = O.make_ig(victim, config, 1)
+    conv_impl = O.attack_conv_impl(victim, conv_impl)
+    problem = O.make_ig(victim.with_conv_impl(conv_impl), config, 1)
     options = O.RunOptions(iterations=iterations, chunk=min(chunk, iterations),
                            target_batch=t, batching=batching,
                            unroll=unroll)
@@ -57,6 +59,7 @@ def measure(targets: int, iterations: int, budget: int, model: str, width: int |
     per_iter = res.seconds_total / iterations
     return {
         "attack": "ig", "model": model, "width": width, "image": "32x32x3", "targets": t, "batching": batching, "chunk": chunk, "unroll": unroll,
+        "conv_impl": conv_impl,
         "measured_iterations": iterations, "seconds_per_iteration": per_iter,
         "compile_seconds": res.compile_seconds, "wall_seconds": wall,
         "extrapolated_budget": budget,
@@ -76,11 +79,14 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=50)
     parser.add_argument("--batching", choices=("vmap", "map"), default="vmap")
     parser.add_argument("--unroll", type=int, default=1)
+    parser.add_argument("--conv-impl", nargs="+", choices=("auto", "xla", "patches"), default=["auto"],
+                        help="victim convolutions (O.attack_conv_impl); several values run side by side")
     args = parser.parse_args()
     for t in args.targets:
-        row = measure(t, args.iterations, args.budget, args.model, args.width, args.chunk,
-                      args.batching, args.unroll)
-        print(json.dumps(row), flush=True)
+        for conv_impl in args.conv_impl:
+            row = measure(t, args.iterations, args.budget, args.model, args.width, args.chunk,
+                          args.batching, args.unroll, conv_impl)
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

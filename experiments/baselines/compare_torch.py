@@ -274,9 +274,11 @@ def measure_torch(t: int, iterations: int, warmup: int, budget: int, width: int,
 # --------------------------------------------------------------------------- --check
 
 
-def check(width: int, device: str, rtol: float) -> bool:
+def check(width: int, device: str, rtol: float, conv_impl: str = "auto") -> bool:
     """First-iteration IG loss (and more) of both implementations on identical inputs."""
     victim, variables = bench_ig.victim_and_variables("convnet", width)
+    victim = victim.with_conv_impl(O.attack_conv_impl(victim, conv_impl))
+    print(f"jax convolutions: {victim.conv_impl}")
     shared = dict(variables)
     model, params = build_torch_model(width, device)
     config = O.IGConfig()
@@ -386,6 +388,8 @@ def main() -> None:
     parser.add_argument("--batching", choices=("vmap", "map"), nargs="+", default=["vmap"],
                         help=f"jax, as bench_ig.py: {per_t}")
     parser.add_argument("--unroll", type=int, nargs="+", default=[1], help=f"jax, as bench_ig.py: {per_t}")
+    parser.add_argument("--conv-impl", choices=("auto", "xla", "patches"), nargs="+", default=["auto"],
+                        help=f"jax, as bench_ig.py: {per_t}")
     parser.add_argument("--check", action="store_true",
                         help="compare the first-iteration loss of both implementations, no timing")
     parser.add_argument("--check-rtol", type=float, default=1e-4)
@@ -399,11 +403,11 @@ def main() -> None:
           f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind})",
           file=sys.stderr, flush=True)
     if args.check:
-        sys.exit(0 if check(args.width, args.device, args.check_rtol) else 1)
+        sys.exit(0 if check(args.width, args.device, args.check_rtol, args.conv_impl[0]) else 1)
 
     n = len(args.targets)
     jax_opts = {}
-    for name in ("jax_iterations", "chunk", "batching", "unroll"):
+    for name in ("jax_iterations", "chunk", "batching", "unroll", "conv_impl"):
         values = getattr(args, name) or [args.iterations]
         if len(values) not in (1, n):
             parser.error(f"--{name.replace('_', '-')} takes one value or one per --targets entry")
@@ -421,7 +425,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         if "jax" in args.frameworks:
             row = bench_ig.measure(t, jax_opts["jax_iterations"][i], args.budget, "convnet", args.width,
-                                   jax_opts["chunk"][i], jax_opts["batching"][i], jax_opts["unroll"][i])
+                                   jax_opts["chunk"][i], jax_opts["batching"][i], jax_opts["unroll"][i],
+                                   jax_opts["conv_impl"][i])
             row = {"framework": "jax", **row, "threads": None,
                    "xla_flags": os.environ.get("XLA_FLAGS", ""), **common}
             rows.append(row)

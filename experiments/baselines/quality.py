@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=100, help="iterations per compiled call")
     parser.add_argument("--unroll", type=int, default=1, help="scan unroll (CPU: equal to --chunk)")
     parser.add_argument("--target-batch", type=int, default=16, help="targets per compiled block")
+    parser.add_argument("--conv-impl", choices=("auto", "xla", "patches"), default="auto",
+                        help="victim convolutions during the attacks (auto: patches for conv victims)")
     args = parser.parse_args()
     budget = {k: int(v) for k, v in (item.split("=") for item in args.budget)}
     data = audit.load_data(args.dataset, split=args.split, n=args.n, image_size=args.image_size,
@@ -64,7 +66,7 @@ def main() -> None:
         (f"paper eps={e:g}" + ("" if args.dp_scope == "all" else " head-only"),
          DPConfig(calibration="paper", epsilon=e, scope=args.dp_scope)) for e in args.epsilons]
     driver = {"batching": args.batching, "chunk": args.chunk, "unroll": args.unroll,
-              "target_batch": args.target_batch}
+              "target_batch": args.target_batch, "conv_impl": args.conv_impl}
     rows = []
     os.makedirs(args.out, exist_ok=True)
     for name, dp in settings:
