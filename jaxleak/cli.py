@@ -267,7 +267,7 @@ def _add_optimization_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--unroll", type=_positive_int, default=1,
                    help="iterations unrolled per loop trip (compile time grows with it)")
     g.add_argument("--conv-impl", choices=("auto", "xla", "patches"), default="auto",
-                   help="victim convolutions during the attack: patches (im2col; 11.6x faster IG steps on "
+                   help="victim convolutions during the attack: patches (im2col; ~10x faster IG steps on "
                         "CPU for the ConvNet) or xla; auto = patches for every conv victim. Only the speed "
                         "changes.")
     g.add_argument("--quiet", action="store_true", help="no progress bar")

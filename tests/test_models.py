@@ -441,7 +441,7 @@ def test_patches_convolution_matches_xla_with_the_same_parameters(name, width):
 
     from jaxleak.capture import per_example_grads
 
-    kw = dict(image_shape=(12, 12, 3), num_classes=5, width=width)
+    kw = {"image_shape": (12, 12, 3), "num_classes": 5, "width": width}
     xla = get_victim(name, conv_impl="xla", **kw)
     patches = get_victim(name, conv_impl="patches", **kw)
     va, vb = xla.init(jax.random.PRNGKey(3)), patches.init(jax.random.PRNGKey(3))

@@ -101,9 +101,9 @@ def attack_conv_impl(victim, conv_impl: str = "auto") -> str:
     """Convolution implementation for an attack's steps (``"auto"`` decides).
 
     Every step differentiates the victim's gradient again (double backward).
-    With XLA's convolution, XLA:CPU ran those steps 11.6x slower inside the
-    compiled iteration loop than as im2col ``"patches"`` (IG, ConvNet width 64,
-    32x32, BENCHMARKS.md), and under ``vmap`` over targets the per-target
+    With XLA's convolution, XLA:CPU ran those steps far slower inside the
+    compiled iteration loop than as im2col ``"patches"`` (9.8x, IG, ConvNet
+    width 64, 32x32; 2.4x for ResNet-18; BENCHMARKS.md), and under ``vmap`` over targets the per-target
     weight gradients become grouped convolutions, which were 4-5x slower than
     im2col on an H100 in the capture benchmark. So ``"auto"`` picks
     ``"patches"`` for every victim with convolutions, on every backend (not
