@@ -512,7 +512,8 @@ def attack_optimization(cap: Capture, attack: str, *, out_dir: str, overrides: d
                         null: str | None = None, match_metric: str = "psnr", chunk: int = 100,
                         target_batch: int = 16, patience: int | None = None, min_delta: float = 1e-4,
                         seed: int = 0, progress: bool = False, batching: str = "vmap",
-                        unroll: int = 1, conv_impl: str = "auto", lpips_net: str | None = "alex",
+                        unroll: int = 1, conv_impl: str = "auto", devices: int | None = None,
+                        lpips_net: str | None = "alex",
                         weights_dir: str | None = None) -> dict[str, Any]:
     """An optimisation attack (DLG, iDLG, IG, GradInversion, GRNN, Mjolnir) on every capture.
 
@@ -531,8 +532,8 @@ def attack_optimization(cap: Capture, attack: str, *, out_dir: str, overrides: d
       null: ``None``, or ``"shuffle"`` / ``"noise"`` to run the null control
         (:func:`jaxleak.attacks.optimization.null_updates`) instead of the real updates.
       match_metric: metric the Hungarian assignment maximises for client batches B > 1.
-      chunk, target_batch, patience, min_delta, seed, progress, batching, unroll: the driver's options
-        (:class:`jaxleak.attacks.optimization.RunOptions`).
+      chunk, target_batch, patience, min_delta, seed, progress, batching, unroll, devices: the
+        driver's options (:class:`jaxleak.attacks.optimization.RunOptions`).
       conv_impl: the victim's convolutions during the attack
         (:func:`jaxleak.attacks.optimization.attack_conv_impl`; only the speed changes).
       lpips_net, weights_dir: LPIPS backbone (``None``: no LPIPS) and weights root
@@ -559,13 +560,13 @@ def attack_optimization(cap: Capture, attack: str, *, out_dir: str, overrides: d
         config, res, extra_info = mjolnir.reconstruct_capture(
             cap, victim, variables, updates, overrides=overrides or {}, chunk=chunk,
             target_batch=target_batch, patience=patience, min_delta=min_delta, seed=seed, progress=progress,
-            batching=batching, unroll=unroll, conv_impl=conv_impl)
+            batching=batching, unroll=unroll, conv_impl=conv_impl, devices=devices)
     else:
         config = opt.default_config(attack, **(overrides or {}))
         res = opt.reconstruct(attack, victim, variables, updates, config=config, batch_size=batch,
                               true_labels=true_labels, chunk=chunk, target_batch=target_batch,
                               patience=patience, min_delta=min_delta, seed=seed, progress=progress,
-                              batching=batching, unroll=unroll, conv_impl=conv_impl)
+                              batching=batching, unroll=unroll, conv_impl=conv_impl, devices=devices)
         extra_info = {}
     recon = np.clip(res.images, 0.0, 1.0).astype(np.float32)
     labels = np.asarray(res.label_probs).argmax(-1)
@@ -609,6 +610,7 @@ def attack_optimization(cap: Capture, attack: str, *, out_dir: str, overrides: d
         "null_control": null,
         "timing": res.timing(),
         "conv_impl": opt.attack_conv_impl(victim, conv_impl),
+        "devices": (1 if batching != "vmap" else jax.local_device_count() if devices is None else devices),
         "captures": cap.meta,
         "calibration": cap.meta.get("calibration"),
         "epsilon": cap.meta.get("epsilon"),

@@ -231,7 +231,7 @@ def cmd_attack_optimization(args) -> int:
             match_metric=args.match_metric, chunk=args.scan_chunk, target_batch=args.target_batch,
             patience=args.patience, min_delta=args.min_delta, seed=args.attack_seed,
             progress=not args.quiet, batching=args.batching,
-            unroll=args.unroll, conv_impl=args.conv_impl, lpips_net=args.lpips_net,
+            unroll=args.unroll, conv_impl=args.conv_impl, devices=args.devices, lpips_net=args.lpips_net,
             weights_dir=args.weights_dir)
     except TypeError as e:  # an unknown config field in --set
         raise CLIError(f"bad --set for {args.attack}: {e}") from None
@@ -266,6 +266,8 @@ def _add_optimization_options(p: argparse.ArgumentParser) -> None:
                         "same compiled call (map; faster for conv victims on CPU). Same results.")
     g.add_argument("--unroll", type=_positive_int, default=1,
                    help="iterations unrolled per loop trip (compile time grows with it)")
+    g.add_argument("--devices", type=_positive_int, default=None,
+                   help="local devices that share each block of targets (vmap; default: all of them)")
     g.add_argument("--conv-impl", choices=("auto", "xla", "patches"), default="auto",
                    help="victim convolutions during the attack: patches (im2col; ~10x faster IG steps on "
                         "CPU for the ConvNet) or xla; auto = patches for every conv victim. Only the speed "

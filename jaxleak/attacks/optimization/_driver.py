@@ -71,10 +71,11 @@ class RunOptions:
         gradients into grouped convolutions that ran 3.5x slower per target than
         ``"map"`` (BENCHMARKS.md); on GPUs vmap is the fast path.
       unroll: iterations unrolled per loop trip of the ``lax.scan`` (``chunk``
-        unrolls the whole chunk: no loop). XLA:CPU ran the convolutions of the
-        ConvNet's IG step 8x slower inside a loop than outside one, so on CPU
-        use a small ``chunk`` with ``unroll == chunk`` (compile time grows
-        with ``unroll``).
+        unrolls the whole chunk: no loop; compile time grows with ``unroll``).
+      devices: with ``batching="vmap"``, how many of the local devices share each
+        block (its targets x restarts are split across them; the block is padded
+        to a multiple). ``None`` (default): all of them; ``1``: the default device
+        only. Same results.
     """
 
     iterations: int
@@ -87,6 +88,7 @@ class RunOptions:
     progress: bool = False
     batching: str = "vmap"
     unroll: int = 1
+    devices: int | None = None
 
     def __post_init__(self):
         if self.batching not in ("vmap", "map"):
@@ -95,6 +97,10 @@ class RunOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.devices is not None and (isinstance(self.devices, bool) or not isinstance(self.devices, int)
+                                         or not 1 <= self.devices <= jax.local_device_count()):
+            raise ValueError(f"devices must be None or an int in [1, {jax.local_device_count()}] "
+                             f"(the local devices), got {self.devices!r}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be None or >= 1, got {self.patience!r}")
         if not self.min_delta >= 0:
@@ -195,6 +201,25 @@ def _keys(seed: int, targets: np.ndarray, restarts: int) -> Array:
     return jax.vmap(lambda k: jax.vmap(lambda r: jax.random.fold_in(k, r))(jnp.arange(restarts)))(per_target)
 
 
+def _placement(options: RunOptions, block: int) -> tuple[int, Callable | None, Callable | None]:
+    """The padded block size and how to place per-target and shared inputs on the devices.
+
+    With several devices (and ``vmap``), a block's ``block x restarts`` runs are
+    split along their leading axis with a ``NamedSharding``; the shared
+    variables are replicated. XLA then runs each device's share of the one
+    vectorised program.
+    """
+    count = jax.local_device_count() if options.devices is None else options.devices
+    if options.batching != "vmap" or count == 1:
+        return block, None, None
+    block = -(-block // count) * count  # every device gets the same number of targets
+    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:count]), ("runs",))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs"))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return (block, lambda tree: jax.device_put(tree, split),
+            lambda tree: jax.device_put(tree, whole))
+
+
 def run_problem(problem: Problem, targets: PyTree, shared: PyTree, options: RunOptions) -> RunResult:
     """Runs ``problem`` on every target (leading axis ``T`` of each leaf of ``targets``).
 
@@ -210,7 +235,9 @@ def run_problem(problem: Problem, targets: PyTree, shared: PyTree, options: RunO
     """
     leaves = jax.tree_util.tree_leaves(targets)
     n = int(leaves[0].shape[0])
-    block = min(options.target_batch, n)
+    block, place, replicate = _placement(options, min(options.target_batch, n))
+    if replicate is not None:
+        shared = replicate(shared)
     restarts = options.restarts
     chunk = min(options.chunk, options.iterations)
     n_chunks = math.ceil(options.iterations / chunk)
@@ -226,7 +253,10 @@ def run_problem(problem: Problem, targets: PyTree, shared: PyTree, options: RunO
         idx[idx >= n] = n - 1  # pad with copies of the last target
         sub = jax.tree_util.tree_map(lambda a, i=idx: np.repeat(a[i], restarts, axis=0), host)
         keys = _keys(options.seed, idx, restarts).reshape(block * restarts, -1)
-        carry = init(keys, sub, shared)
+        if place is not None:
+            sub, keys = place(sub), place(keys)
+        keep_placed = (lambda c: c) if place is None else place  # a no-op unless XLA moved the carry
+        carry = keep_placed(init(keys, sub, shared))
         t0 = time.perf_counter()
         compiled = run.lower(carry, sub, shared, jnp.int32(0)).compile()
         compile_s += time.perf_counter() - t0
@@ -234,7 +264,7 @@ def run_problem(problem: Problem, targets: PyTree, shared: PyTree, options: RunO
         ran = 0
         t0 = time.perf_counter()
         for c in range(n_chunks):
-            carry = compiled(carry, sub, shared, jnp.int32(c * chunk))
+            carry = keep_placed(compiled(carry, sub, shared, jnp.int32(c * chunk)))
             best = np.asarray(carry.best_loss)
             ran = min((c + 1) * chunk, options.iterations)
             bar.update(ran - min(c * chunk, options.iterations))

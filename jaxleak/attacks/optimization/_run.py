@@ -137,6 +137,7 @@ def reconstruct(
     batching: str = "vmap",
     unroll: int = 1,
     conv_impl: str = "auto",
+    devices: int | None = None,
 ) -> RunResult:
     """Runs an optimisation attack on ``T`` observed updates at once.
 
@@ -148,8 +149,8 @@ def reconstruct(
       config: the attack's config (default: the reference setting).
       batch_size: images per update ``B``.
       true_labels: ``[T, B]`` labels, used when ``config.labels == "known"``.
-      chunk, target_batch, patience, min_delta, seed, progress, batching, unroll: see
-        :class:`RunOptions`.
+      chunk, target_batch, patience, min_delta, seed, progress, batching, unroll, devices:
+        see :class:`RunOptions`.
       conv_impl: the victim's convolutions during the attack (:func:`attack_conv_impl`).
 
     Returns:
@@ -166,7 +167,7 @@ def reconstruct(
     problem = ATTACKS[attack].make(victim, config, batch_size)
     options = RunOptions(iterations=config.iterations, chunk=chunk, target_batch=target_batch,
                          restarts=config.restarts, patience=patience, min_delta=min_delta, seed=seed,
-                         progress=progress, batching=batching, unroll=unroll)
+                         progress=progress, batching=batching, unroll=unroll, devices=devices)
     return run_problem(problem, targets, dict(variables), options)
 
 

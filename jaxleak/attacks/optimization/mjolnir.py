@@ -332,7 +332,8 @@ def _aux_images(config: MjolnirConfig, image_shape) -> tuple[np.ndarray, np.ndar
 
 def reconstruct_capture(cap, victim, variables, updates: PyTree, *, overrides: dict[str, Any], chunk: int,
                         target_batch: int, patience, min_delta: float, seed: int, progress: bool,
-                        batching: str = "vmap", unroll: int = 1, conv_impl: str = "auto"):
+                        batching: str = "vmap", unroll: int = 1, conv_impl: str = "auto",
+                        devices: int | None = None):
     """Mjolnir on a capture's updates: train the denoiser, denoise, DLG.
 
     Returns:
@@ -356,7 +357,8 @@ def reconstruct_capture(cap, victim, variables, updates: PyTree, *, overrides: d
     res = reconstruct("dlg", victim, variables, clean, config=config.dlg(), batch_size=batch,
                       true_labels=np.asarray(cap.labels).reshape(cap.n, batch), chunk=chunk,
                       target_batch=target_batch, patience=patience, min_delta=min_delta, seed=seed,
-                      progress=progress, batching=batching, unroll=unroll, conv_impl=conv_impl)
+                      progress=progress, batching=batching, unroll=unroll, conv_impl=conv_impl,
+                      devices=devices)
     extra = {"mjolnir": {"t_start": t0, "sigma": sigma, "gradient_scale": scale, "denoiser_loss": loss,
                          "aux": f"{config.aux_dataset}:{config.aux_split} n={config.aux_n}",
                          "denoiser": config.denoiser,
