@@ -268,8 +268,8 @@ class _Built:
     conv_impl: str | None = None
 
 
-# (name, image_shape, num_classes, width, hidden) -> module and layer paths.
-_Builder = Callable[[str, tuple[int, int, int], int, int | None, Any], _Built]
+# (name, image_shape, num_classes, width, hidden, conv_impl) -> module and layer paths.
+_Builder = Callable[[str, tuple[int, int, int], int, int | None, Any, str], _Built]
 _HEAD_ONLY = {"head": ("head",)}
 
 
@@ -371,8 +371,15 @@ def _normalise_hidden(name: str, hidden: Any) -> tuple[int, ...]:
 
 
 def _build_mlp(
-    name: str, image_shape: tuple[int, int, int], num_classes: int, width: int | None, hidden: Any
+    name: str,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    width: int | None,
+    hidden: Any,
+    conv_impl: str = "xla",
 ) -> _Built:
+    if conv_impl != "xla":
+        raise ValueError(f"{name} has no convolutions: conv_impl={conv_impl!r} does not apply")
     if width is not None and hidden is not None:
         raise ValueError(f"{name}: give either width (one hidden layer) or hidden, not both")
     if hidden is None:
@@ -442,9 +449,6 @@ _REGISTRY: dict[str, _Entry] = {
 
 VICTIMS: dict[str, str] = {name: entry.description for name, entry in _REGISTRY.items()}
 """Victim name -> one-line description."""
-
-# Models whose convolutions can also run as im2col patches (every model with convolutions).
-_CONV_IMPL_MODELS = tuple(name for name in _REGISTRY if name != "mlp")
 
 
 def _check_image_shape(image_shape: Any) -> tuple[int, int, int]:
@@ -529,13 +533,7 @@ def get_victim(
         width = _positive_int(width, "width")
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
-    build = _REGISTRY[name].build
-    if name in _CONV_IMPL_MODELS:
-        built = build(name, shape, num_classes, width, hidden, conv_impl)
-    elif conv_impl == "patches":
-        raise ValueError(f"conv_impl='patches' is implemented for {', '.join(_CONV_IMPL_MODELS)} only")
-    else:
-        built = build(name, shape, num_classes, width, hidden)
+    built = _REGISTRY[name].build(name, shape, num_classes, width, hidden, conv_impl)
     layers, has_batch_stats = _layers_from_shapes(name, built.module, shape, built.paths)
     return Victim(
         name=name,
