@@ -201,17 +201,17 @@ def _keys(seed: int, targets: np.ndarray, restarts: int) -> Array:
     return jax.vmap(lambda k: jax.vmap(lambda r: jax.random.fold_in(k, r))(jnp.arange(restarts)))(per_target)
 
 
-def _placement(options: RunOptions, block: int) -> tuple[int, Callable | None, Callable | None]:
-    """The padded block size and how to place per-target and shared inputs on the devices.
+def _placement(options: RunOptions, block: int) -> tuple[int, Callable, Callable]:
+    """The padded block size, and how to place per-run and shared inputs on the devices.
 
     With several devices (and ``vmap``), a block's ``block x restarts`` runs are
-    split along their leading axis with a ``NamedSharding``; the shared
-    variables are replicated. XLA then runs each device's share of the one
-    vectorised program.
+    split along their leading axis with a ``NamedSharding`` and the shared
+    variables are replicated; XLA then runs each device's share of the one
+    vectorised program. On one device both placements are the identity.
     """
     count = jax.local_device_count() if options.devices is None else options.devices
     if options.batching != "vmap" or count == 1:
-        return block, None, None
+        return block, (lambda tree: tree), (lambda tree: tree)
     block = -(-block // count) * count  # every device gets the same number of targets
     mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:count]), ("runs",))
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs"))
@@ -236,8 +236,7 @@ def run_problem(problem: Problem, targets: PyTree, shared: PyTree, options: RunO
     leaves = jax.tree_util.tree_leaves(targets)
     n = int(leaves[0].shape[0])
     block, place, replicate = _placement(options, min(options.target_batch, n))
-    if replicate is not None:
-        shared = replicate(shared)
+    shared = replicate(shared)
     restarts = options.restarts
     chunk = min(options.chunk, options.iterations)
     n_chunks = math.ceil(options.iterations / chunk)
@@ -253,10 +252,9 @@ def run_problem(problem: Problem, targets: PyTree, shared: PyTree, options: RunO
         idx[idx >= n] = n - 1  # pad with copies of the last target
         sub = jax.tree_util.tree_map(lambda a, i=idx: np.repeat(a[i], restarts, axis=0), host)
         keys = _keys(options.seed, idx, restarts).reshape(block * restarts, -1)
-        if place is not None:
-            sub, keys = place(sub), place(keys)
-        keep_placed = (lambda c: c) if place is None else place  # a no-op unless XLA moved the carry
-        carry = keep_placed(init(keys, sub, shared))
+        sub, keys = place(sub), place(keys)
+        # Placing the carry again is a no-op unless XLA chose another sharding for an output.
+        carry = place(init(keys, sub, shared))
         t0 = time.perf_counter()
         compiled = run.lower(carry, sub, shared, jnp.int32(0)).compile()
         compile_s += time.perf_counter() - t0
@@ -264,7 +262,7 @@ def run_problem(problem: Problem, targets: PyTree, shared: PyTree, options: RunO
         ran = 0
         t0 = time.perf_counter()
         for c in range(n_chunks):
-            carry = keep_placed(compiled(carry, sub, shared, jnp.int32(c * chunk)))
+            carry = place(compiled(carry, sub, shared, jnp.int32(c * chunk)))
             best = np.asarray(carry.best_loss)
             ran = min((c + 1) * chunk, options.iterations)
             bar.update(ran - min(c * chunk, options.iterations))
