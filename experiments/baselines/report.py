@@ -6,6 +6,7 @@ Each row: one (setting, attack); the attack's PSNR / SSIM / LPIPS (alex) / ASR@0
 the same for its ``shuffle`` null control, and Venom Table 1's CIFAR-10 row for that attack and epsilon
 (256x256 inputs, its LeNet; "-" where the paper has none: no-defense runs, GradInversion, iDLG).
 "head-only" settings protect only the FC layer (``--dp-scope layer``); the others every layer.
+Runs of several victims give one table per victim.
 """
 
 from __future__ import annotations
@@ -49,8 +50,20 @@ def main(paths: list[str]) -> int:
     rows = {}
     for path in paths:
         with open(path) as f:
-            for r in json.load(f)["rows"]:
-                rows[(r["setting"], r["attack"], r["null"])] = r
+            result = json.load(f)
+        model = result["args"]["model"]
+        for r in result["rows"]:
+            rows[(model, r["setting"], r["attack"], r["null"])] = r
+    models = sorted({k[0] for k in rows})
+    for i, model in enumerate(models):
+        if len(models) > 1:
+            print(("\n" if i else "") + f"victim: {model}\n")
+        _table({k[1:]: r for k, r in rows.items() if k[0] == model})
+    return 0
+
+
+def _table(rows: dict) -> None:
+    """Rows keyed by (setting, attack, null) of one victim."""
     print("| setting | attack | iterations | PSNR / SSIM / LPIPS / ASR | null control (shuffle) | "
           "label acc | s / image | paper (Venom Table 1, CIFAR-10) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -67,7 +80,6 @@ def main(paths: list[str]) -> int:
             print(f"| {setting} | {attack} | {ref['iterations'] or 'ref'} | {_cells(real)} | {_cells(null)} | "
                   f"{_fmt(real and real['label_correct'])} | {_fmt(real and real['seconds_per_image'], 1)} | "
                   f"{paper_txt} |")
-    return 0
 
 
 if __name__ == "__main__":
