@@ -217,11 +217,12 @@ def _placement(options: RunOptions, block: int) -> tuple[int, Callable, Callable
     With several devices (and ``vmap``), a block's ``block x restarts`` runs are
     split along their leading axis with a ``NamedSharding`` and the shared
     variables are replicated; XLA then runs each device's share of the one
-    vectorised program. On one device both placements are the identity.
+    vectorised program. On one device both put their inputs on the default
+    device once per block, so no chunk call copies host arrays again.
     """
     count = jax.local_device_count() if options.devices is None else options.devices
     if options.batching != "vmap" or count == 1:
-        return block, (lambda tree: tree), (lambda tree: tree)
+        return block, jax.device_put, jax.device_put
     block = -(-block // count) * count  # every device gets the same number of targets
     mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:count]), ("runs",))
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs"))
