@@ -610,7 +610,6 @@ def attack_optimization(cap: Capture, attack: str, *, out_dir: str, overrides: d
         "null_control": null,
         "timing": res.timing(),
         "conv_impl": opt.attack_conv_impl(victim, conv_impl),
-        "devices": (1 if batching != "vmap" else jax.local_device_count() if devices is None else devices),
         "captures": cap.meta,
         "calibration": cap.meta.get("calibration"),
         "epsilon": cap.meta.get("epsilon"),

@@ -85,7 +85,7 @@ run = lambda devices: O.reconstruct("ig", victim, variables, updates, config=con
 one, both = run(1), run(None)
 print(json.dumps({"images": float(np.abs(one.images - both.images).max()),
                   "loss": float(np.abs(one.restart_loss - both.restart_loss).max()),
-                  "shape": list(both.images.shape)}))
+                  "shape": list(both.images.shape), "devices": [one.devices, both.devices]}))
 """
 
 
@@ -101,7 +101,7 @@ def test_blocks_are_sharded_across_devices_with_the_same_results():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     diff = json.loads(out.stdout.strip().splitlines()[-1])
-    assert diff["shape"] == [3, 1, 8, 8, 1]
+    assert diff["shape"] == [3, 1, 8, 8, 1] and diff["devices"] == [1, 2]
     assert diff["images"] < 1e-5 and diff["loss"] < 1e-6
     with pytest.raises(ValueError, match="devices"):
         O.RunOptions(iterations=1, devices=jax.local_device_count() + 1)

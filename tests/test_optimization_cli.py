@@ -56,7 +56,7 @@ def test_attack_ig_then_null_control(captures, tmp_path, capsys):
     meta = json.loads((tmp_path / "ig" / "metrics.json").read_text())
     assert meta["config"]["iterations"] == 200 and meta["config"]["tv"] == 1e-6
     assert meta["conv_impl"] == "patches"  # auto
-    assert meta["devices"] == jax.local_device_count()
+    assert meta["timing"]["devices"] == jax.local_device_count()
     assert len(meta["metrics"]["ssim"]["values"]) == 3
     if have_lpips:  # upsampled to 64x64 for AlexNet; near 0 for a > 30 dB reconstruction
         assert len(meta["metrics"]["lpips_alex"]["values"]) == 3 and summary["means"]["lpips_alex"] < 0.1

@@ -124,6 +124,7 @@ class RunResult:
       seconds_per_iteration: ``seconds_total / iterations`` summed over blocks: the
         cost of one iteration of one compiled block of ``target_batch x restarts`` runs.
       seconds_per_target: ``seconds_total / T`` (amortised, compilation excluded).
+      devices: devices that shared each block.
     """
 
     images: np.ndarray
@@ -136,6 +137,7 @@ class RunResult:
     seconds_total: float
     seconds_per_iteration: float
     seconds_per_target: float
+    devices: int = 1
 
     def timing(self) -> dict[str, float]:
         """JSON-ready timing summary."""
@@ -146,6 +148,7 @@ class RunResult:
             "seconds_per_target": self.seconds_per_target,
             "iterations_run_max": int(self.iterations_run.max()),
             "best_iteration_mean": float(self.best_iteration.mean()),
+            "devices": self.devices,
         }
 
 
@@ -211,8 +214,8 @@ def _runs(a: np.ndarray, idx: np.ndarray, restarts: int) -> np.ndarray:
     return picked if restarts == 1 else np.repeat(picked, restarts, axis=0)
 
 
-def _placement(options: RunOptions, block: int) -> tuple[int, Callable, Callable]:
-    """The padded block size, and how to place per-run and shared inputs on the devices.
+def _placement(options: RunOptions, block: int) -> tuple[int, int, Callable, Callable]:
+    """The padded block size, the devices used, and how to place per-run and shared inputs on them.
 
     With several devices (and ``vmap``), a block's ``block x restarts`` runs are
     split along their leading axis with a ``NamedSharding`` and the shared
@@ -222,12 +225,12 @@ def _placement(options: RunOptions, block: int) -> tuple[int, Callable, Callable
     """
     count = jax.local_device_count() if options.devices is None else options.devices
     if options.batching != "vmap" or count == 1:
-        return block, jax.device_put, jax.device_put
+        return block, 1, jax.device_put, jax.device_put
     block = -(-block // count) * count  # every device gets the same number of targets
     mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:count]), ("runs",))
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs"))
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return (block, lambda tree: jax.device_put(tree, split),
+    return (block, count, lambda tree: jax.device_put(tree, split),
             lambda tree: jax.device_put(tree, whole))
 
 
@@ -246,7 +249,7 @@ def run_problem(problem: Problem, targets: PyTree, shared: PyTree, options: RunO
     """
     leaves = jax.tree_util.tree_leaves(targets)
     n = int(leaves[0].shape[0])
-    block, place, replicate = _placement(options, min(options.target_batch, n))
+    block, devices, place, replicate = _placement(options, min(options.target_batch, n))
     shared = replicate(shared)
     restarts = options.restarts
     chunk = min(options.chunk, options.iterations)
@@ -302,7 +305,7 @@ def run_problem(problem: Problem, targets: PyTree, shared: PyTree, options: RunO
         images=take(cat["images"]), label_probs=take(cat["label_probs"]), loss=take(cat["loss"]),
         best_iteration=take(cat["best_iteration"]), restart_loss=cat["loss"], iterations_run=cat["ran"],
         compile_seconds=compile_s, seconds_total=total_s, seconds_per_iteration=per_iter_s,
-        seconds_per_target=total_s / n,
+        seconds_per_target=total_s / n, devices=devices,
     )
 
 
