@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--batching", choices=("vmap", "map"), default="vmap",
                         help="driver option; on CPU 'map' avoids grouped convolutions (docs/baselines.md)")
     parser.add_argument("--chunk", type=int, default=100, help="iterations per compiled call")
-    parser.add_argument("--unroll", type=int, default=1, help="scan unroll (CPU: equal to --chunk)")
+    parser.add_argument("--unroll", type=int, default=1, help="iterations unrolled per loop trip")
     parser.add_argument("--target-batch", type=int, default=16, help="targets per compiled block")
     parser.add_argument("--conv-impl", choices=("auto", "xla", "patches"), default="auto",
                         help="victim convolutions during the attacks (auto: patches for conv victims)")
