@@ -66,10 +66,10 @@ class RunOptions:
       progress: tqdm bar over iterations.
       batching: ``"vmap"`` (default) runs the block's targets as one vectorised
         program; ``"map"`` runs them one after another inside the same compiled
-        call (``lax.map``). Same results. On XLA:CPU, vmapping the double
-        backward of convolutions over targets turns the per-target weight
-        gradients into grouped convolutions that ran 3.5x slower per target than
-        ``"map"`` (BENCHMARKS.md); on GPUs vmap is the fast path.
+        call (``lax.map``). Same results. On XLA:CPU ``"map"`` was the faster of
+        the two (3.5x with XLA's convolutions, 1.3x with the attacks' default
+        im2col convolutions, ConvNet at T = 16; BENCHMARKS.md); on accelerators
+        vmap is meant to be the fast path, and only vmap is split across devices.
       unroll: iterations unrolled per loop trip of the ``lax.scan`` (``chunk``
         unrolls the whole chunk: no loop; compile time grows with ``unroll``).
       devices: with ``batching="vmap"``, how many of the local devices share each
