@@ -1,9 +1,12 @@
 """Simulated clients and the attacker's observations (capture files)."""
 
 from jaxleak.capture.io import (
+    FORMAT_VERSION,
     REQUIRED_META,
+    REQUIRED_META_V1,
     Capture,
     CaptureFormatError,
+    check_output_path,
     flatten_tree,
     load_capture,
     save_capture,
@@ -19,11 +22,14 @@ from jaxleak.capture.simulate import (
 )
 
 __all__ = [
+    "FORMAT_VERSION",
     "REQUIRED_META",
+    "REQUIRED_META_V1",
     "Capture",
     "CaptureFormatError",
     "capture_conv_impl",
     "capture_updates",
+    "check_output_path",
     "flatten_tree",
     "load_capture",
     "per_example_grads",
