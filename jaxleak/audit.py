@@ -29,8 +29,10 @@ def load_data(name: str, *, split: str = "test", n: int | None = None, seed: int
                         data_dir=data_dir, download=download)
 
 
-def _model_options(width: int | None, hidden: Sequence[int] | None) -> dict[str, Any]:
+def _model_options(width: int | None, hidden: Sequence[int] | None, precode: int | None = None) -> dict[str, Any]:
     opts: dict[str, Any] = {}
+    if precode is not None:
+        opts["precode"] = int(precode)
     if width is not None:
         opts["width"] = int(width)
     if hidden is not None:
@@ -50,7 +52,7 @@ def make_victim(model: str, *, image_shape, num_classes: int, options: dict[str,
 
 
 def build_victim(model: str, *, dataset=None, image_shape=None, num_classes: int | None = None,
-                 width: int | None = None, hidden: Sequence[int] | None = None,
+                 width: int | None = None, hidden: Sequence[int] | None = None, precode: int | None = None,
                  checkpoint: str | None = None, init_seed: int = 0):
     """Builds the victim and its variables; returns ``(victim, variables, meta)``.
 
@@ -62,7 +64,7 @@ def build_victim(model: str, *, dataset=None, image_shape=None, num_classes: int
         num_classes = dataset.num_classes
     if image_shape is None or num_classes is None:
         raise ValueError("build_victim needs a dataset or image_shape and num_classes")
-    options = _model_options(width, hidden)
+    options = _model_options(width, hidden, precode)
     victim = make_victim(model, image_shape=image_shape, num_classes=num_classes, options=options)
     meta: dict[str, Any] = {"model_options": options}
     if checkpoint:
@@ -76,11 +78,13 @@ def build_victim(model: str, *, dataset=None, image_shape=None, num_classes: int
     return victim, variables, meta
 
 
-def capture(victim, variables, dataset, *, dp: DPConfig, batch_size: int = 1, seed: int = 0,
-            layer: str = "head", chunk_size: int = 256, keep_update: bool = False,
-            keep_params: bool = False, extra_meta: dict | None = None, progress: bool = False,
-            conv_impl: str = "auto") -> Capture:
-    """Captures the protected updates of clients holding ``dataset``'s images."""
+def capture(victim, variables, dataset, *, dp: DPConfig | None = None, defenses=None, protocol=None,
+            samples: int = 1, seed: int = 0, layer: str = "head", chunk_size: int = 256,
+            keep_update: bool = False, keep_params: bool = False, extra_meta: dict | None = None,
+            progress: bool = False, conv_impl: str = "auto") -> Capture:
+    """Captures the protected updates of clients holding ``dataset``'s images (``samples`` each)."""
+    from jaxleak.protocols import FEDSGD
+
     meta = {
         "dataset": dataset.name,
         "dataset_split": dataset.split,
@@ -88,10 +92,10 @@ def capture(victim, variables, dataset, *, dp: DPConfig, batch_size: int = 1, se
         "dataset_indices": [int(i) for i in np.asarray(dataset.indices)[:100_000]],
         **(extra_meta or {}),
     }
-    return capture_updates(victim, variables, dataset.images, dataset.labels, dp=dp,
-                           batch_size=batch_size, seed=seed, layer=layer, chunk_size=chunk_size,
-                           keep_update=keep_update, keep_params=keep_params, meta=meta, progress=progress,
-                           conv_impl=conv_impl)
+    return capture_updates(victim, variables, dataset.images, dataset.labels, dp=dp, defenses=defenses,
+                           protocol=protocol or FEDSGD, samples=samples, seed=seed, layer=layer,
+                           chunk_size=chunk_size, keep_update=keep_update, keep_params=keep_params, meta=meta,
+                           progress=progress, conv_impl=conv_impl)
 
 
 def victim_from_capture(cap: Capture):
@@ -260,17 +264,15 @@ def attack_spe(cap: Capture, *, out_dir: str, sigma2: str | float = "mechanism",
     return {"out": out_dir, "written": written, "n": n, "sigma2_source": source, "means": means}
 
 
-def bench_capture(model: str, *, image_size: int = 32, channels: int = 3, num_classes: int = 10,
-                  batch: int = 1024, repeats: int = 10, dp: DPConfig | None = None,
-                  width: int | None = None, hidden: Sequence[int] | None = None,
-                  conv_impl: str = "auto") -> dict[str, Any]:
-    """Throughput of capture for ``model`` (compile time excluded, median of ``repeats``)."""
-    dp = dp or DPConfig(calibration="dpsgd", epsilon=10.0)
-    victim, variables, _ = build_victim(model, image_shape=(image_size, image_size, channels),
-                                        num_classes=num_classes, width=width, hidden=hidden)
-    result = time_capture(victim, variables, dp=dp, batch=batch, repeats=repeats, conv_impl=conv_impl)
-    return {"benchmark": "capture", "model": model, "image_size": image_size, "channels": channels,
-            "num_classes": num_classes, **result}
+def bench_capture(victim, variables, *, batch: int = 1024, repeats: int = 10, protocol=None, samples: int = 1,
+                  defenses=None, dp: DPConfig | None = None, conv_impl: str = "auto") -> dict[str, Any]:
+    """Throughput of capture for ``victim`` (compile time excluded, median of ``repeats``)."""
+    from jaxleak.protocols import FEDSGD
+
+    result = time_capture(victim, variables, dp=dp, defenses=defenses, protocol=protocol or FEDSGD,
+                          samples=samples, batch=batch, repeats=repeats, conv_impl=conv_impl)
+    return {"benchmark": "capture", "model": victim.name, "image_shape": list(victim.image_shape),
+            "num_classes": victim.num_classes, **result}
 
 
 def train_and_save_victim(model: str, dataset, *, out: str, width=None, hidden=None, steps: int = 500,

@@ -69,9 +69,11 @@ def _image_size(text: str) -> int | tuple[int, int]:
 
 def _add_dp_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("differential privacy (see README: 'Two calibrations')")
-    g.add_argument("--calibration", choices=("paper", "dpsgd", "none"), default="paper",
+    g.add_argument("--calibration", choices=("paper", "dpsgd", "none"), default=None,
                    help="paper: Venom/Mjolnir protocol (joint FC clip, s = 2*lr*C/m); "
-                        "dpsgd: per-example clip + z*C noise on the sum; none: no protection")
+                        "dpsgd: per-example clip + z*C noise on the sum; none: no protection. A shorthand "
+                        "for a DP item of --defense. Default: paper for a FedSGD capture without --defense "
+                        "(the Venom setting), else none")
     g.add_argument("--mechanism", choices=("gaussian", "laplace"), default="gaussian")
     g.add_argument("--epsilon", type=_epsilon, default=10.0, help="privacy budget (default 10)")
     g.add_argument("--delta", type=_positive_float, default=1e-5)
@@ -92,6 +94,9 @@ def _dp_config(args):
     from jaxleak.privacy import DPConfig
 
     calibration = args.calibration
+    if calibration is None:
+        fedavg = getattr(args, "protocol", "fedsgd") == "fedavg"
+        calibration = "none" if (getattr(args, "defense", None) or fedavg) else "paper"
     if calibration != "none" and math.isinf(args.epsilon) and args.noise_multiplier is None:
         calibration = "none"  # epsilon = inf means no protection
     return DPConfig(
@@ -101,6 +106,66 @@ def _dp_config(args):
         sampling_rate=args.sampling_rate, steps=args.steps, accountant=args.accountant,
         scope="all" if calibration == "none" else args.dp_scope,
     )
+
+
+def _protocol(args):
+    """The :class:`jaxleak.protocols.Protocol` and the client's M from the capture flags."""
+    from jaxleak.protocols import Protocol
+
+    if args.protocol == "fedsgd":
+        for flag in ("local_epochs", "local_batch"):
+            if getattr(args, flag) is not None:
+                raise CLIError(f"--{flag.replace('_', '-')} applies to --protocol fedavg only")
+        samples = args.samples if args.samples is not None else args.batch_size
+        return Protocol(kind="fedsgd", global_epoch=args.global_epoch), samples
+    if args.batch_size != 1:
+        raise CLIError("--batch-size is FedSGD's client batch; with --protocol fedavg give --samples (images per "
+                       "client) and --local-batch")
+    samples = args.samples if args.samples is not None else 50
+    return Protocol(kind="fedavg", local_epochs=args.local_epochs or 1,
+                    local_batch=args.local_batch or min(10, samples), optimizer=args.local_optimizer,
+                    lr=args.local_lr, global_epoch=args.global_epoch), samples
+
+
+def _defenses(args, protocol, samples: int, layer_path):
+    """The defense chain: ``--defense`` plus the ``--calibration`` shorthand."""
+    from jaxleak.defenses import chain, parse_chain
+    from jaxleak.capture.simulate import resolve_defenses
+
+    batch = protocol.batch(samples)
+    steps, q = protocol.total_steps(samples), batch / samples
+    parsed = parse_chain(args.defense, batch_size=batch, steps=steps, sampling_rate=q,
+                         layer_path=tuple(layer_path)) if args.defense else chain()
+    dp = _dp_config(args)
+    if dp.calibration == "dpsgd" and protocol.kind == "fedavg" and args.steps == 1 and args.sampling_rate == 1.0:
+        import dataclasses
+
+        dp = dataclasses.replace(dp, steps=steps, sampling_rate=q)  # account for every local step
+    return resolve_defenses(dp, parsed, samples=samples, protocol=protocol, layer_path=layer_path)
+
+
+def _add_protocol_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("protocol (what each client does; docs/core.md)")
+    g.add_argument("--protocol", choices=("fedsgd", "fedavg"), default="fedsgd",
+                   help="fedsgd: one gradient on the client's images; fedavg: local training, the update is "
+                        "w0 - w1 (default %(default)s)")
+    g.add_argument("--samples", type=_positive_int, default=None,
+                   help="images per client M (default: --batch-size for fedsgd, 50 for fedavg)")
+    g.add_argument("--batch-size", type=_positive_int, default=1,
+                   help="fedsgd: examples per client (its batch B = M; default 1)")
+    g.add_argument("--local-epochs", type=_positive_int, default=None, help="fedavg: E (default 1)")
+    g.add_argument("--local-batch", type=_positive_int, default=None,
+                   help="fedavg: local batch B, ceil(M/B) steps per epoch (default min(10, M))")
+    g.add_argument("--local-optimizer", choices=("sgd", "adam"), default="adam",
+                   help="fedavg: local optimizer (default adam, the FM paper's; SME's code uses sgd 0.004)")
+    g.add_argument("--local-lr", type=_positive_float, default=0.1, help="fedavg: local learning rate")
+    g.add_argument("--global-epoch", type=_nonneg_int, default=None,
+                   help="recorded: the FL epoch at which the victim's weights were taken")
+    p.add_argument("--defense", default=None,
+                   help="defense chain applied left to right, e.g. clip-norm:1.0,gaussian:0.001; items: none, "
+                        "gaussian:STD, laplace:SCALE, clip-norm:C, clip-value:C, prune-smallest:FRACTION, "
+                        "keep-largest:FRACTION, quantize:BITS, dp-paper:eps=E[,delta=D,lr=LR,clip=C], "
+                        "dpsgd:eps=E|z=Z[,delta=D,clip=C,q=Q]")
 
 
 def _add_data_options(p: argparse.ArgumentParser, *, default_dataset: str = "mnist-embedded") -> None:
@@ -120,6 +185,9 @@ def _add_victim_options(p: argparse.ArgumentParser, *, default_model: str = "len
     g.add_argument("--model", default=default_model, help="victim name (see `jaxleak models`)")
     g.add_argument("--width", type=_positive_int, default=None, help="convnet/resnet width")
     g.add_argument("--hidden", type=_positive_int, nargs="+", default=None, help="mlp hidden widths")
+    g.add_argument("--precode", type=_positive_int, default=None, metavar="K",
+                   help="wrap the victim with PRECODE's variational bottleneck of K units before its head "
+                        "(the paper's K = 256); its noise sample is drawn from the client's key, not released")
     g.add_argument("--checkpoint", default=None, help="victim checkpoint from `jaxleak train-victim`")
     g.add_argument("--init-seed", type=_nonneg_int, default=0,
                    help="seed of the victim's random initialisation (when no checkpoint)")
@@ -138,22 +206,32 @@ def _add_conv_impl(g) -> None:
 
 def cmd_capture(args) -> int:
     from jaxleak import audit
-    from jaxleak.capture import save_capture
+    from jaxleak.capture import check_output_path, save_capture
 
-    dataset = audit.load_data(args.dataset, split=args.split, n=args.n * args.batch_size, seed=args.data_seed,
+    protocol, samples = _protocol(args)
+    check_output_path(args.out, force=args.force)
+    dataset = audit.load_data(args.dataset, split=args.split, n=args.n * samples, seed=args.data_seed,
                               image_size=args.image_size, data_dir=args.data_dir, download=args.download)
     victim, variables, vmeta = audit.build_victim(
-        args.model, dataset=dataset, width=args.width, hidden=args.hidden,
+        args.model, dataset=dataset, width=args.width, hidden=args.hidden, precode=args.precode,
         checkpoint=args.checkpoint, init_seed=args.init_seed)
+    if args.layer not in victim.layers:
+        raise CLIError(f"--layer {args.layer}: {victim.name} has the dense layer(s) {sorted(victim.layers)}")
+    defenses = _defenses(args, protocol, samples, victim.layers[args.layer].path)
     cap = audit.capture(
-        victim, variables, dataset, dp=_dp_config(args), batch_size=args.batch_size, seed=args.seed,
+        victim, variables, dataset, defenses=defenses, protocol=protocol, samples=samples, seed=args.seed,
         layer=args.layer, chunk_size=args.chunk_size, keep_update=args.keep_update,
         keep_params=args.keep_params, extra_meta=vmeta, progress=not args.quiet, conv_impl=args.conv_impl)
-    save_capture(args.out, cap, compress=args.compress)
+    save_capture(args.out, cap, compress=args.compress, force=args.force)
     m = cap.meta
-    print(f"wrote {args.out}: {cap.n} clients x B={m['batch_size']} from {m['dataset']}:{m['dataset_split']} "
-          f"({m['dataset_source']}), {m['model']} layer '{m['layer']}' {cap.fc_weight_grad.shape[1:]}, "
-          f"{m['calibration']}/{m['mechanism']} eps={m['epsilon']} noise_std={m['noise_std']:.4g}")
+    pr = m["protocol"]
+    local = "" if pr["kind"] == "fedsgd" else (f", E={pr['local_epochs']} x S={pr['local_steps']} steps of "
+                                               f"B={pr['local_batch']} ({pr['optimizer']} lr {pr['lr']:g})")
+    chain_text = ",".join(d["name"] for d in m["defenses"]) or "none"
+    eps = "" if m["dp"] is None else f" eps={m['epsilon']}"
+    print(f"wrote {args.out}: {cap.n} clients x M={pr['samples']} ({pr['kind']}{local}) from {m['dataset']}:"
+          f"{m['dataset_split']} ({m['dataset_source']}), {m['model']} layer '{m['layer']}' "
+          f"{cap.fc_weight_grad.shape[1:]}, defenses {chain_text}{eps}")
     return 0
 
 
@@ -313,10 +391,13 @@ def cmd_bench(args) -> int:
 
     if args.what != "capture":
         raise CLIError(f"unknown benchmark {args.what!r}; available: capture")
-    result = audit.bench_capture(
-        args.model, image_size=args.image_size, channels=args.channels, num_classes=args.num_classes,
-        batch=args.batch, repeats=args.repeats, dp=_dp_config(args), width=args.width, hidden=args.hidden,
-        conv_impl=args.conv_impl)
+    protocol, samples = _protocol(args)
+    victim, variables, _ = audit.build_victim(
+        args.model, image_shape=(args.image_size, args.image_size, args.channels), num_classes=args.num_classes,
+        width=args.width, hidden=args.hidden, precode=args.precode)
+    defenses = _defenses(args, protocol, samples, victim.layers["head"].path)
+    result = audit.bench_capture(victim, variables, batch=args.batch, repeats=args.repeats, protocol=protocol,
+                                 samples=samples, defenses=defenses, conv_impl=args.conv_impl)
     print(json.dumps(result))
     return 0
 
@@ -382,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(p)
     _add_victim_options(p)
     p.add_argument("--n", type=_positive_int, default=256, help="number of clients (default %(default)s)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="examples per client (FedSGD B)")
+    _add_protocol_options(p)
     p.add_argument("--layer", default="head", help="dense layer to record: head, or first (mlp)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="noise seed")
     p.add_argument("--data-seed", type=_nonneg_int, default=0, help="seed of the image subset")
@@ -393,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_conv_impl(p)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", required=True, help="capture file to write (.npz)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     _add_dp_options(p)
     p.set_defaults(func=cmd_capture)
 
@@ -495,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=10)
     p.add_argument("--width", type=_positive_int, default=None)
     p.add_argument("--hidden", type=_positive_int, nargs="+", default=None)
+    p.add_argument("--precode", type=_positive_int, default=None, metavar="K")
+    _add_protocol_options(p)
     _add_conv_impl(p)
     _add_dp_options(p)
     p.set_defaults(func=cmd_bench)

@@ -1,12 +1,11 @@
-"""Simulated FedSGD clients: per-example gradients, DP protection, the attacker's view.
+"""Simulated clients: the protocol and its defenses, vmapped over clients, and the attacker's view.
 
-The math is written for one client (``_client_update``); a single jitted
-``vmap`` runs a chunk of clients at once, and :func:`capture_updates` walks the
-chunks on the host. Client ``i`` draws its noise from
-``fold_in(PRNGKey(seed), i)``, so results do not depend on the chunk size (up
-to float rounding: XLA may vectorise the gradient math differently per chunk
-shape) and the same seed and chunk size give the same capture bit for bit on
-one machine.
+The math of one client is :func:`jaxleak.protocols.client_update`; here a single
+jitted ``vmap`` runs a chunk of clients at once and :func:`capture_updates` walks
+the chunks on the host. Client ``i`` uses the key ``fold_in(PRNGKey(seed), i)``,
+so its update does not depend on the chunk size (up to float rounding, see
+docs/pitfalls.md) and the same seed and chunk size give the same capture bit for
+bit on one machine.
 """
 
 from __future__ import annotations
@@ -18,11 +17,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, Float, Int, PyTree
 
 from jaxleak._version import __version__
 from jaxleak.capture.io import Capture, flatten_tree
-from jaxleak.privacy.mechanisms import DPConfig, ResolvedDP, protect_update, resolve
+from jaxleak.defenses import Chain, chain, dp_from_config
+from jaxleak.privacy.mechanisms import DPConfig
+from jaxleak.protocols import FEDSGD, Protocol, client_update
 
 
 def per_example_grads(
@@ -35,57 +36,14 @@ def per_example_grads(
     return jax.vmap(grad_one, in_axes=(None, 0, 0))(params, images, labels)
 
 
-def protected_layer(
-    victim,
-    variables: PyTree,
-    images: Float[Array, "b h w c"],
-    labels: Int[Array, " b"],
-    key: PRNGKeyArray,
-    *,
-    calibration: str,
-    mechanism: str,
-    clip: float,
-    noise_scale: float | Float[Array, ""],
-    layer: str,
-    scope: str = "all",
-) -> tuple[Float[Array, "k d"], Float[Array, " k"], PyTree]:
-    """ONE client's protected update and its dense ``layer`` as class-major ``([K, d], [K])``.
-
-    ``noise_scale`` may be traced (training triplets draw it per image).
-    ``scope="layer"`` protects only ``layer`` under the paper calibration.
-    """
-    grads = per_example_grads(victim, variables, images, labels)
-    only = victim.layers[layer].path if scope == "layer" else None
-    update = protect_update(
-        grads, key, calibration=calibration, mechanism=mechanism, clip=clip, noise_scale=noise_scale,
-        only=only,
-    )
-    dense = victim.layers[layer].select(update)
-    # Flax kernels are [d, K]; captures are class-major [K, d].
-    return dense["kernel"].T, dense["bias"], update
-
-
-def _client_update(
-    victim,
-    variables: PyTree,
-    images: Float[Array, "b h w c"],
-    labels: Int[Array, " b"],
-    key: PRNGKeyArray,
-    *,
-    dp: ResolvedDP,
-    layer: str,
-    keep_update: bool,
-) -> tuple[Float[Array, "k d"], Float[Array, " k"], PyTree | None]:
-    gw, gb, update = protected_layer(
-        victim, variables, images, labels, key, calibration=dp.calibration,
-        mechanism=dp.mechanism, clip=dp.clip, noise_scale=dp.noise_scale, layer=layer, scope=dp.scope,
-    )
-    return gw, gb, (update if keep_update else None)
-
-
 @functools.lru_cache(maxsize=32)
-def _compiled_chunk(victim, dp: ResolvedDP, layer: str, keep_update: bool):
-    one = functools.partial(_client_update, victim, dp=dp, layer=layer, keep_update=keep_update)
+def _compiled_chunk(victim, protocol: Protocol, defenses: Chain, layer: str, keep_update: bool):
+    dense = victim.layers[layer]
+
+    def one(variables, images, labels, key):
+        result = client_update(victim, variables, images, labels, key, protocol=protocol, defenses=defenses)
+        update = result.update if keep_update else {"__head__": dense.select(result.update)}
+        return update, result.schedule, result.finite
 
     def chunk(variables, images, labels, seed, client_ids):
         base = jax.random.PRNGKey(seed)
@@ -121,14 +79,42 @@ def quantize_images(images: np.ndarray) -> np.ndarray:
     return np.clip(np.round(np.asarray(images, np.float32) * 255.0), 0, 255).astype(np.uint8)
 
 
+def resolve_defenses(
+    dp: DPConfig | None, defenses: Chain | None, *, samples: int, protocol: Protocol, layer_path
+) -> Chain:
+    """One chain from the ``dp`` shorthand (today's ``--calibration/--epsilon``) and/or ``defenses``."""
+    defenses = chain() if defenses is None else defenses
+    if dp is None or dp.calibration == "none":
+        return defenses
+    if defenses.step is not None:
+        raise ValueError("give DP either as a DPConfig (--calibration/--epsilon) or in the defense chain, "
+                         "not both")
+    step = dp_from_config(dp, batch_size=protocol.batch(samples), layer_path=tuple(layer_path))
+    return chain(step, *defenses.defenses)
+
+
+def _dp_flat(dp_meta: dict[str, Any] | None) -> dict[str, Any]:
+    """The flat DP fields today's readers use (``calibration``, ``epsilon``, ``noise_variance``, ...)."""
+    if dp_meta is None:
+        return {"calibration": "none", "mechanism": "none", "epsilon": None, "delta": None, "clip": None,
+                "noise_std": 0.0, "noise_variance": 0.0, "noise_multiplier": None, "accountant": None,
+                "scope": "all"}
+    keys = ("calibration", "mechanism", "epsilon", "epsilon_tight", "delta", "clip", "noise_std",
+            "noise_variance", "noise_multiplier", "accountant", "scope")
+    return {k: dp_meta.get(k) for k in keys}
+
+
 def capture_updates(
     victim,
     variables: PyTree,
     images: Float[np.ndarray, "n h w c"],
     labels: Int[np.ndarray, " n"],
     *,
-    dp: DPConfig,
-    batch_size: int = 1,
+    dp: DPConfig | None = None,
+    defenses: Chain | None = None,
+    protocol: Protocol = FEDSGD,
+    samples: int | None = None,
+    batch_size: int | None = None,
     seed: int = 0,
     layer: str = "head",
     chunk_size: int = 256,
@@ -138,35 +124,43 @@ def capture_updates(
     progress: bool = False,
     conv_impl: str = "auto",
 ) -> Capture:
-    """Simulates FedSGD clients under ``dp`` and returns what the attacker observes.
+    """Simulates clients under ``protocol`` and ``defenses`` and returns what the attacker observes.
 
-    Examples are grouped into ``N = n // batch_size`` clients of ``batch_size``
-    consecutive examples. Images are quantised to uint8 first, and gradients are
-    taken on exactly those pixels, so the stored images are the true targets.
+    Examples are grouped into ``N = n // M`` clients of ``M`` consecutive examples.
+    Images are quantised to uint8 first and the clients train on exactly those
+    pixels, so the stored images are the true targets.
 
     Args:
       victim: a :class:`jaxleak.models.Victim`.
-      variables: the victim's Flax variables at capture time.
-      images: float ``[n, H, W, C]`` in [0, 1], ``n`` a multiple of ``batch_size``.
+      variables: the server weights ``w0`` (Flax variables).
+      images: float ``[n, H, W, C]`` in [0, 1], ``n`` a multiple of ``M``.
       labels: int ``[n]``.
-      dp: the protection each client applies.
-      batch_size: examples per client (FedSGD batch ``B``).
-      seed: noise seed; client ``i`` uses ``fold_in(PRNGKey(seed), i)``.
-      layer: which dense layer the capture records (``"head"``, or ``"first"`` for an mlp).
-      chunk_size: clients per compiled call (memory bound; results do not depend on it).
-      keep_update: also return the whole protected update (``update/<path>``).
-      keep_params: also return the victim's variables (``params/<path>``).
+      dp: today's DP shorthand (``--calibration/--epsilon``), prepended to ``defenses``
+        as its step-stage defense; ``None`` or calibration ``"none"`` adds nothing.
+      defenses: a :class:`jaxleak.defenses.Chain` (default: none).
+      protocol: :class:`jaxleak.protocols.Protocol` (default FedSGD).
+      samples: ``M``, images per client (default 1).
+      batch_size: FedSGD's name for ``samples`` (the client batch ``B = M``); give one of the two.
+      seed: client ``i`` uses ``fold_in(PRNGKey(seed), i)``.
+      layer: the dense layer whose view the capture exposes (``"head"``, or ``"first"`` for an mlp).
+      chunk_size: clients per compiled call (memory bound).
+      keep_update: store the whole update (every layer), not only ``layer``.
+      keep_params: store the server weights ``w0``.
       meta: extra metadata (dataset, ...), merged into the capture's ``meta``.
       progress: show a progress bar.
       conv_impl: ``"auto"`` (see :func:`capture_conv_impl`), ``"xla"`` or ``"patches"``;
         only the speed changes.
 
     Returns:
-      A :class:`Capture` with ``[N, K, d]`` weight and ``[N, K]`` bias gradients.
+      A version-2 :class:`Capture`.
 
     Raises:
-      ValueError: on inconsistent shapes or arguments.
+      ValueError: on inconsistent shapes or arguments, or a client whose gradient or
+        update is not finite (the message names the client).
     """
+    if samples is not None and batch_size is not None and samples != batch_size:
+        raise ValueError(f"give samples or batch_size (the same M), not both: {samples} vs {batch_size}")
+    m = samples if samples is not None else (batch_size if batch_size is not None else 1)
     images = np.asarray(images)
     labels = np.asarray(labels)
     if images.ndim != 4:
@@ -175,26 +169,32 @@ def capture_updates(
         raise ValueError(f"images are {images.shape[1:]} but the victim expects {victim.image_shape}")
     if labels.shape != images.shape[:1]:
         raise ValueError(f"labels must be [n] = [{images.shape[0]}], got {labels.shape}")
+    finite = np.isfinite(images.reshape(len(images), -1)).all(1)
+    if not finite.all():
+        raise ValueError(f"image {int(np.flatnonzero(~finite)[0])} holds a NaN or inf pixel "
+                         f"({int((~finite).sum())} such image(s))")
     if labels.size and (labels.min() < 0 or labels.max() >= victim.num_classes):
         raise ValueError(f"labels must be in [0, {victim.num_classes}), got [{labels.min()}, {labels.max()}]")
-    if batch_size < 1 or images.shape[0] % batch_size or images.shape[0] == 0:
-        raise ValueError(f"need a positive multiple of batch_size={batch_size} images, got {images.shape[0]}")
+    if m < 1 or images.shape[0] % m or images.shape[0] == 0:
+        raise ValueError(f"need a positive multiple of M={m} images per client, got {images.shape[0]}")
     if layer not in victim.layers:
         raise ValueError(f"victim {victim.name!r} has no dense layer {layer!r}; it has {sorted(victim.layers)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    resolved = resolve(dp, batch_size=batch_size)
-    victim = victim.with_conv_impl(
-        capture_conv_impl(victim, resolved.calibration, keep_update=keep_update, conv_impl=conv_impl))
     dense = victim.layers[layer]
-    n_clients = images.shape[0] // batch_size
+    defenses = resolve_defenses(dp, defenses, samples=m, protocol=protocol, layer_path=dense.path)
+    dp_meta = defenses.dp
+    calibration = "none" if dp_meta is None else dp_meta.get("calibration", "none")
+    victim = victim.with_conv_impl(
+        capture_conv_impl(victim, calibration, keep_update=keep_update, conv_impl=conv_impl))
+    n_clients = images.shape[0] // m
     images_u8 = quantize_images(images)
-    x = (images_u8.astype(np.float32) / 255.0).reshape(n_clients, batch_size, *images.shape[1:])
-    y = labels.astype(np.int32).reshape(n_clients, batch_size)
+    x = (images_u8.astype(np.float32) / 255.0).reshape(n_clients, m, *images.shape[1:])
+    y = labels.astype(np.int32).reshape(n_clients, m)
 
     chunk = min(chunk_size, n_clients)
-    fn = _compiled_chunk(victim, resolved, layer, keep_update)
-    gws, gbs, updates = [], [], []
+    fn = _compiled_chunk(victim, protocol, defenses, layer, keep_update)
+    updates, schedules = [], []
     bar = _progress(n_clients, progress, "capture")
     for start in range(0, n_clients, chunk):
         stop = min(start + chunk, n_clients)
@@ -204,20 +204,26 @@ def capture_updates(
         if pad:  # pad the last chunk so the compiled shape never changes
             xs = np.concatenate([xs, np.repeat(xs[-1:], pad, 0)])
             ys = np.concatenate([ys, np.repeat(ys[-1:], pad, 0)])
-        gw, gb, upd = fn(variables, xs, ys, seed, ids)
+        upd, sched, finite = fn(variables, xs, ys, seed, ids)
         keep = stop - start
-        gws.append(np.asarray(gw[:keep]))
-        gbs.append(np.asarray(gb[:keep]))
-        if keep_update:
-            updates.append(jax.tree_util.tree_map(lambda a, k=keep: np.asarray(a[:k]), upd))
+        bad = np.flatnonzero(~np.asarray(finite[:keep]))
+        if bad.size:
+            raise ValueError(f"client {start + int(bad[0])} (images {(start + int(bad[0])) * m}.."
+                             f"{(start + int(bad[0]) + 1) * m - 1}) produced a NaN or inf gradient or update "
+                             f"({bad.size} such client(s) in this chunk); check its images and the weights")
+        updates.append(jax.tree_util.tree_map(lambda a, k=keep: np.asarray(a[:k]), upd))
+        schedules.append(np.asarray(sched[:keep]))
         bar.update(keep)
     bar.close()
 
-    update = None
-    if keep_update:
-        update = flatten_tree(jax.tree_util.tree_map(lambda *a: np.concatenate(a), *updates))
+    update = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *updates)
+    if not keep_update:
+        update = {"/".join(dense.path): update["__head__"]}
+    flat_update = flatten_tree(update)
     params = flatten_tree(jax.device_get(dict(variables))) if keep_params else None
+    proto_meta = protocol.as_meta(m)
     info = {
+        "format_version": 2,
         "model": victim.name,
         "image_shape": list(victim.image_shape),
         "num_classes": int(victim.num_classes),
@@ -225,23 +231,25 @@ def capture_updates(
         "feature_layout": "HWC",
         "layer": layer,
         "layer_path": list(dense.path),
-        "protocol": "fedsgd",
-        "batch_size": batch_size,
+        "update_scope": "all" if keep_update else "head",
+        "protocol": proto_meta,
+        "batch_size": proto_meta["local_batch"],
+        "defenses": defenses.meta,
+        "dp": dp_meta,
+        **_dp_flat(dp_meta),
+        "dp_lr": dp_meta.get("lr") if dp_meta and dp_meta.get("calibration") == "paper" else None,
         "seed": int(seed),
         "jaxleak_version": __version__,
         "dataset": "unknown",
-        **{k: v for k, v in resolved.as_meta().items() if k != "batch_size"},
-        "dp_lr": dp.lr if resolved.calibration == "paper" else None,
         **(meta or {}),
     }
     return Capture(
-        fc_weight_grad=np.concatenate(gws),
-        fc_bias_grad=np.concatenate(gbs),
-        labels=y[:, 0] if batch_size == 1 else y,
-        images=images_u8 if batch_size == 1 else images_u8.reshape(n_clients, batch_size, *images.shape[1:]),
+        update=flat_update,
         meta=info,
-        update=update,
         params=params,
+        truth_images=images_u8.reshape(n_clients, m, *images.shape[1:]),
+        truth_labels=y,
+        schedule=np.concatenate(schedules).astype(np.int32),
     )
 
 
@@ -255,23 +263,28 @@ def time_capture(
     victim,
     variables: PyTree,
     *,
-    dp: DPConfig,
+    dp: DPConfig | None = None,
+    defenses: Chain | None = None,
+    protocol: Protocol = FEDSGD,
+    samples: int = 1,
     batch: int = 1024,
     repeats: int = 10,
     seed: int = 0,
     conv_impl: str = "auto",
 ) -> dict[str, Any]:
-    """Throughput of the compiled capture step on ``batch`` single-example clients.
+    """Throughput of the compiled capture step on ``batch`` clients of ``samples`` images each.
 
     Compilation is timed separately; the result holds the median over ``repeats``
     of the steady-state wall time, with inputs already on the device.
     """
-    resolved = resolve(dp, batch_size=1)
-    victim = victim.with_conv_impl(capture_conv_impl(victim, resolved.calibration, conv_impl=conv_impl))
-    fn = _compiled_chunk(victim, resolved, "head", False)
+    layer_path = victim.layers["head"].path
+    defenses = resolve_defenses(dp, defenses, samples=samples, protocol=protocol, layer_path=layer_path)
+    calibration = "none" if defenses.dp is None else defenses.dp.get("calibration", "none")
+    victim = victim.with_conv_impl(capture_conv_impl(victim, calibration, conv_impl=conv_impl))
+    fn = _compiled_chunk(victim, protocol, defenses, "head", False)
     rng = np.random.default_rng(seed)
-    x = jnp.asarray(rng.random((batch, 1, *victim.image_shape), dtype=np.float32))
-    y = jnp.asarray(rng.integers(0, victim.num_classes, (batch, 1)), dtype=jnp.int32)
+    x = jnp.asarray(rng.random((batch, samples, *victim.image_shape), dtype=np.float32))
+    y = jnp.asarray(rng.integers(0, victim.num_classes, (batch, samples)), dtype=jnp.int32)
     ids = jnp.arange(batch, dtype=jnp.uint32)
     variables = jax.device_put(variables)
     t0 = time.perf_counter()
@@ -284,13 +297,17 @@ def time_capture(
         times.append(time.perf_counter() - t0)
     med = float(np.median(times))
     return {
-        "examples_per_second": batch / med,
+        "clients_per_second": batch / med,
+        "examples_per_second": batch * samples / med,
         "median_seconds": med,
         "compile_seconds": compile_s,
         "repeats": repeats,
-        "batch": batch,
+        "clients": batch,
+        "samples": samples,
+        "protocol": protocol.as_meta(samples),
+        "defenses": defenses.meta,
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.default_backend(),
-        "calibration": resolved.calibration,
+        "calibration": calibration,
         "conv_impl": victim.conv_impl,
     }

@@ -1,0 +1,196 @@
+"""ONE client's local training: the function the simulation vmaps and the attacks replay.
+
+:func:`local_update` is pure and written for one client; :mod:`jaxleak.capture`
+``vmap``s it over clients at one edge, and attacks that must replay a client
+(DLF unrolls its steps; SME / FM differentiate at a surrogate point) call the
+same function, so "what a client does" exists once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
+
+from jaxleak.protocols._protocol import Protocol, make_schedule
+
+StepTransform = Callable[[PyTree, PRNGKeyArray], PyTree]
+"""``(per-example gradients [B, ...], key) -> protected mean gradient`` (a step-stage defense)."""
+
+_DERIVED = 0x5EED  # fold_in tag of the keys derived for shuffling, sampling and update defenses
+
+
+class ClientResult(NamedTuple):
+    """What :func:`local_update` returns for one client.
+
+    Attributes:
+      update: params-shaped tree in the descent direction (FedSGD: the gradient;
+        FedAvg: ``w0 - w1``).
+      schedule: ``[E, S, B]`` image indices per local step (``-1`` pads a short batch).
+      finite: ``False`` when a per-example gradient, a step gradient or the update
+        held a NaN or inf (the simulation turns it into an error naming the client).
+    """
+
+    update: PyTree
+    schedule: Int[Array, "e s b"]
+    finite: Bool[Array, ""]
+
+
+def derived_keys(key: PRNGKeyArray) -> tuple[PRNGKeyArray, PRNGKeyArray, PRNGKeyArray]:
+    """``(shuffle, sample, defense)`` keys of a client; its key itself draws FedSGD's DP noise."""
+    k = jax.random.split(jax.random.fold_in(key, _DERIVED), 3)
+    return k[0], k[1], k[2]
+
+
+def _all_finite(tree: PyTree) -> Bool[Array, ""]:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _example_loss(victim) -> Callable:
+    """``(params, batch_stats, image, label, key) -> loss`` of one example."""
+    if getattr(victim, "stochastic", False):
+        return lambda p, bs, x, y, k: victim.loss(p, bs, x, y, k)
+    return lambda p, bs, x, y, k: victim.loss(p, bs, x, y)
+
+
+def step_gradient(
+    victim,
+    params: PyTree,
+    batch_stats: PyTree | None,
+    images: Float[Array, "b h w c"],
+    labels: Int[Array, " b"],
+    valid: Bool[Array, " b"],
+    sample_keys: PRNGKeyArray,
+    noise_key: PRNGKeyArray,
+    step: StepTransform | None = None,
+) -> tuple[PyTree, Bool[Array, ""]]:
+    """The gradient one local step uses, and whether it (and every per-example one) is finite.
+
+    Without ``step``: the gradient of the mean loss over the ``valid`` examples. With a
+    step-stage defense (DP): per-example gradients, then ``step(grads, noise_key)``;
+    padding is not allowed there (the caller checks ``B | M``).
+    """
+    one = _example_loss(victim)
+    if step is None:
+        def mean_loss(p):
+            losses = jax.vmap(one, in_axes=(None, None, 0, 0, 0))(p, batch_stats, images, labels, sample_keys)
+            return jnp.sum(jnp.where(valid, losses, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+        grad = jax.grad(mean_loss)(params)
+        return grad, _all_finite(grad)
+    grads = jax.vmap(jax.grad(one), in_axes=(None, None, 0, 0, 0))(params, batch_stats, images, labels, sample_keys)
+    protected = step(grads, noise_key)
+    return protected, _all_finite(grads) & _all_finite(protected)
+
+
+def local_update(
+    victim,
+    variables: PyTree,
+    images: Float[Array, "m h w c"],
+    labels: Int[Array, " m"],
+    key: PRNGKeyArray,
+    *,
+    protocol: Protocol,
+    step: StepTransform | None = None,
+) -> ClientResult:
+    """ONE client's released update before any update-stage defense.
+
+    Args:
+      victim: a :class:`jaxleak.models.Victim` (static).
+      variables: the server's variables ``w0`` (``params``, optionally ``batch_stats``).
+      images: the client's ``M`` images, float ``[M, H, W, C]`` in [0, 1].
+      labels: int ``[M]``.
+      key: the client's PRNG key. FedSGD draws its DP noise from ``key`` itself; the
+        shuffles, stochastic victims (PRECODE) and FedAvg's per-step noise use keys
+        derived from it (:func:`derived_keys`).
+      protocol: :class:`Protocol` (static).
+      step: optional step-stage defense (DP) applied to every local step's
+        per-example gradients.
+
+    Returns:
+      A :class:`ClientResult`.
+
+    Raises:
+      ValueError: (at trace time) a step defense with a local batch that does not divide ``M``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxleak.models import get_victim
+    >>> v = get_victim("mlp", image_shape=(4, 4, 1), num_classes=3, hidden=5)
+    >>> w0 = v.init(jax.random.key(0))
+    >>> x, y = jnp.zeros((6, 4, 4, 1)), jnp.array([0, 1, 2, 0, 1, 2])
+    >>> p = Protocol(kind="fedavg", local_epochs=2, local_batch=4, optimizer="sgd", lr=0.01)
+    >>> r = local_update(v, w0, x, y, jax.random.key(1), protocol=p)
+    >>> r.schedule.shape, bool(r.finite)
+    ((2, 2, 4), True)
+    """
+    samples = images.shape[0]
+    e, s, b = protocol.schedule_shape(samples)
+    if step is not None and s * b != samples:
+        raise ValueError(f"DP inside local training needs the local batch to divide the client's images: "
+                         f"B={b} does not divide M={samples}")
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats")
+    k_shuffle, k_sample, _ = derived_keys(key)
+    schedule = make_schedule(protocol, samples, k_shuffle)
+
+    def gradient_at(p, idx, t, noise_key):
+        safe = jnp.maximum(idx, 0)
+        sample_keys = jax.vmap(lambda j: jax.random.fold_in(k_sample, t * b + j))(jnp.arange(b))
+        return step_gradient(victim, p, batch_stats, images[safe], labels[safe], idx >= 0, sample_keys,
+                             noise_key, step)
+
+    if protocol.kind == "fedsgd":
+        grad, finite = gradient_at(params, schedule[0, 0], 0, key)
+        return ClientResult(update=grad, schedule=schedule, finite=finite)
+
+    optimizer = optax.sgd(protocol.lr) if protocol.optimizer == "sgd" else optax.adam(protocol.lr)
+    k_noise = jax.random.fold_in(key, 1)
+    # The update is accumulated as the sum of the optimizer's steps (delta = w1 - w0) rather
+    # than subtracted at the end, so it carries no extra cancellation error; the weights each
+    # step sees are w0 + delta, as the client's own would be.
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+
+    def body(carry, inp):
+        delta, opt_state, ok = carry
+        idx, t = inp
+        current = jax.tree_util.tree_map(jnp.add, params, delta)
+        grad, finite = gradient_at(current, idx, t, jax.random.fold_in(k_noise, t))
+        upd, opt_state = optimizer.update(grad, opt_state, current)
+        return (jax.tree_util.tree_map(jnp.add, delta, upd), opt_state, ok & finite), None
+
+    steps = schedule.reshape(e * s, b)
+    init = (zeros, optimizer.init(params), jnp.asarray(True))
+    (delta, _, finite), _ = jax.lax.scan(body, init, (steps, jnp.arange(e * s)))
+    update = jax.tree_util.tree_map(jnp.negative, delta)
+    return ClientResult(update=update, schedule=schedule, finite=finite & _all_finite(update))
+
+
+def client_update(
+    victim,
+    variables: PyTree,
+    images: Float[Array, "m h w c"],
+    labels: Int[Array, " m"],
+    key: PRNGKeyArray,
+    *,
+    protocol: Protocol,
+    defenses=None,
+) -> ClientResult:
+    """:func:`local_update` under a defense chain: what the client actually releases.
+
+    ``defenses`` is a :class:`jaxleak.defenses.Chain` (or ``None``): its step-stage
+    defense runs inside every local step, its update-stage defenses on the update,
+    in the chain's order, with a key derived from the client's.
+    """
+    step = None if defenses is None else defenses.step
+    result = local_update(victim, variables, images, labels, key, protocol=protocol,
+                          step=None if step is None else step.apply)
+    if defenses is None:
+        return result
+    _, _, k_defense = derived_keys(key)
+    update = defenses.update(result.update, k_defense)
+    return ClientResult(update=update, schedule=result.schedule, finite=result.finite & _all_finite(update))
