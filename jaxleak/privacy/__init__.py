@@ -1,15 +1,21 @@
-"""Differential-privacy mechanisms that protect simulated client updates.
+"""Differential privacy on the host: calibrations, accounting and tight epsilons.
 
-Two calibrations exist side by side (see ``docs`` in README and NOTES section 2):
+The jitted mechanisms that clip and noise an update are defenses
+(:mod:`jaxleak.defenses`: ``dp_paper``, ``dpsgd``); this package holds the maths
+they are calibrated with. Two calibrations exist side by side (NOTES section 2):
 
 * ``paper``: the Mjolnir/Venom protocol. The attacked dense layer's gradient
   (weight and bias jointly) is clipped to L2 norm ``C`` and noise of scale
   derived from the sensitivity ``s = 2 * lr * C / m`` is added.
 * ``dpsgd``: Abadi et al. Per-example clipping of the whole gradient, Gaussian
   noise ``N(0, (z C)^2)`` on the clipped sum, division by the batch size.
+
+The classical Gaussian formula of ``paper`` is unsound for ``eps > 1``;
+:func:`paper_tight_epsilon` gives the epsilon its noise really buys (Balle & Wang 2018).
 """
 
-from jaxleak.privacy.accounting import dpsgd_epsilon, dpsgd_noise_multiplier
+from jaxleak.privacy.accounting import ACCOUNTANTS, dpsgd_epsilon, dpsgd_noise_multiplier
+from jaxleak.privacy.calibration import analytic_gaussian_epsilon, paper_tight_epsilon
 from jaxleak.privacy.clipping import clip_by_global_norm, global_norm
 from jaxleak.privacy.mechanisms import (
     CALIBRATIONS,
@@ -21,14 +27,17 @@ from jaxleak.privacy.mechanisms import (
 )
 
 __all__ = [
+    "ACCOUNTANTS",
     "CALIBRATIONS",
     "MECHANISMS",
     "DPConfig",
     "ResolvedDP",
+    "analytic_gaussian_epsilon",
     "clip_by_global_norm",
     "dpsgd_epsilon",
     "dpsgd_noise_multiplier",
     "global_norm",
     "paper_noise_scale",
+    "paper_tight_epsilon",
     "resolve",
 ]

@@ -1,22 +1,19 @@
-"""DP calibrations (host side) and the protection of one client's update (jitted).
+"""DP calibrations on the host: a :class:`DPConfig` and its concrete noise.
 
-``resolve`` turns a :class:`DPConfig` into concrete noise scales on the host;
-``protect_update`` applies clipping and noise to one client's per-example
-gradients and is meant to be ``vmap``-ped over clients.
+``resolve`` turns a :class:`DPConfig` into concrete noise scales; the jitted side
+(clipping and noising one client's per-example gradients) is
+:func:`jaxleak.defenses.dp.protect_update`, reached through the ``dp_paper`` /
+``dpsgd`` defenses.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-from jaxtyping import PRNGKeyArray, PyTree
-
 from jaxleak.privacy.accounting import ACCOUNTANTS, dpsgd_epsilon, dpsgd_noise_multiplier
-from jaxleak.privacy.clipping import clip_by_global_norm
 
 CALIBRATIONS = ("paper", "dpsgd", "none")
 MECHANISMS = ("gaussian", "laplace")
@@ -81,8 +78,18 @@ class DPConfig:
             needs_eps = self.calibration == "paper" or self.noise_multiplier is None
             if needs_eps and (self.epsilon is None or not self.epsilon > 0):
                 raise ValueError(f"epsilon must be > 0 for calibration {self.calibration!r}, got {self.epsilon}")
-        if self.noise_multiplier is not None and self.noise_multiplier < 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if self.noise_multiplier is not None and not (
+            self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)
+        ):
+            raise ValueError(
+                f"noise_multiplier must be >= 0 and finite, got {self.noise_multiplier}"
+            )
+        if not 0 < self.sampling_rate <= 1:
+            raise ValueError(f"sampling_rate must be in (0, 1], got {self.sampling_rate}")
+        if not (isinstance(self.steps, numbers.Integral) and self.steps >= 1):
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        if self.calibration == "paper" and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,7 +97,7 @@ class ResolvedDP:
     """Concrete noise of one calibration, for a client batch of ``batch_size``.
 
     Attributes:
-      noise_scale: the scale drawn inside ``protect_update``: Gaussian std or
+      noise_scale: the scale drawn inside ``jaxleak.defenses.dp.protect_update``: Gaussian std or
         Laplace scale ``b`` (paper: added to the clipped mean; dpsgd: to the clipped sum).
       noise_std: per-coordinate std of the noise in the *released* update.
       noise_variance: ``noise_std ** 2`` (the ``sigma^2`` SPE may be given).
@@ -187,97 +194,3 @@ def resolve(config: DPConfig, *, batch_size: int = 1) -> ResolvedDP:
         noise_scale=z * c.clip, noise_std=std, noise_variance=std**2, noise_multiplier=z,
         epsilon=eps, delta=c.delta, accountant=acc,
     )
-
-
-def _noise_like(key: PRNGKeyArray, tree: PyTree, scale: float, mechanism: str) -> PyTree:
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    draw = jax.random.normal if mechanism == "gaussian" else jax.random.laplace
-    # Drawn with the axes reversed and transposed back: XLA:CPU vectorises the sampler along
-    # the minor axis, which for a dense kernel [d, K] is the short K (the paper-calibration
-    # capture step of lenet-dlg got 18% faster on CPU).
-    noise = [scale * draw(k, x.shape[::-1], x.dtype).T for k, x in zip(keys, leaves)]
-    return jax.tree_util.tree_unflatten(treedef, noise)
-
-
-def _at(tree: PyTree, path: tuple[str, ...]) -> PyTree:
-    for key in path:
-        if not isinstance(tree, dict) or key not in tree:
-            raise ValueError(f"layer path {path} not found in the update")
-        tree = tree[key]
-    return tree
-
-
-def _replace_at(tree: PyTree, path: tuple[str, ...], value: PyTree) -> PyTree:
-    """``tree`` with the subtree at ``path`` replaced by ``value`` (new dicts along the path)."""
-    if not path:
-        return value
-    return {**tree, path[0]: _replace_at(tree[path[0]], path[1:], value)}
-
-
-def _map_layers(fn, tree: PyTree) -> PyTree:
-    """Applies ``fn`` to every innermost dict of arrays (one layer: kernel + bias, ...)."""
-    if isinstance(tree, dict) and tree and all(not isinstance(v, dict) for v in tree.values()):
-        return fn(tree)
-    if isinstance(tree, dict):
-        return {k: _map_layers(fn, v) for k, v in tree.items()}
-    return fn(tree)
-
-
-def protect_update(
-    per_example_grads: PyTree,
-    key: PRNGKeyArray,
-    *,
-    calibration: str,
-    mechanism: str,
-    clip: float,
-    noise_scale: float,
-    only: tuple[str, ...] | None = None,
-) -> PyTree:
-    """The released update of one client from its per-example gradients.
-
-    Every leaf of ``per_example_grads`` has a leading batch axis ``B``.
-
-    * ``none``: the FedSGD update, the mean gradient.
-    * ``paper``: each layer's (kernel and bias jointly) per-example gradient is
-      clipped to ``clip``, averaged, and noise of ``noise_scale`` is added to every
-      coordinate. For ``B = 1`` this is exactly the paper's joint clip of the FC
-      weight and bias gradient; other layers get the same treatment, unless
-      ``only`` names one layer: then that layer alone is clipped and noised and
-      the rest is the mean gradient (``DPConfig.scope = "layer"``).
-    * ``dpsgd``: the whole per-example gradient is clipped to ``clip``, summed,
-      Gaussian noise of std ``noise_scale`` (= z C) is added to the sum, and the
-      result is divided by ``B``.
-
-    Args:
-      per_example_grads: pytree of ``[B, ...]`` gradients of one client.
-      key: PRNG key of this client.
-      calibration, mechanism, clip, noise_scale: from :func:`resolve` (static).
-      only: keys leading to the one layer protected under ``paper`` (``None``: all).
-
-    Returns:
-      The protected update, a pytree shaped like one example's gradient.
-    """
-    leaves = jax.tree_util.tree_leaves(per_example_grads)
-    batch = leaves[0].shape[0]
-    if calibration == "none":
-        return jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), per_example_grads)
-    if calibration == "paper" and only is not None:
-        mean = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), per_example_grads)
-        layer = protect_update(_at(per_example_grads, only), key, calibration="paper", mechanism=mechanism,
-                               clip=clip, noise_scale=noise_scale)
-        return _replace_at(mean, only, layer)
-    if calibration == "paper":
-        clip_one = lambda layer: clip_by_global_norm(layer, clip)[0]
-        clipped = jax.vmap(lambda g: _map_layers(clip_one, g))(per_example_grads)
-        mean = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), clipped)
-        noise = _noise_like(key, mean, noise_scale, mechanism)
-        return jax.tree_util.tree_map(jnp.add, mean, noise)
-    if calibration == "dpsgd":
-        clipped = jax.vmap(lambda g: clip_by_global_norm(g, clip)[0])(per_example_grads)
-        total = jax.tree_util.tree_map(lambda g: jnp.sum(g, axis=0), clipped)
-        noise = _noise_like(key, total, noise_scale, "gaussian")
-        return jax.tree_util.tree_map(lambda s, n: (s + n) / batch, total, noise)
-    raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
-
-
