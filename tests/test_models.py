@@ -37,6 +37,9 @@ CASES = [
     ("resnet8-spatial", (16, 16, 3), {}, (4, 4, 64)),  # 16 / 4, default w = 16
     ("mlp", (32, 32, 3), {}, (1, 1, 256)),  # default hidden 256
     ("mlp", (28, 28, 1), {"hidden": (24, 12)}, (1, 1, 12)),
+    ("convnet-sme", (16, 16, 3), {"width": 4}, (1, 1, 200)),  # fc 200 -> head; fc on 4x4x8
+    ("vgg11", (32, 32, 3), {"width": 2}, (1, 1, 16)),  # 32 / 2**5, 8w channels
+    ("mlp-mixer", (8, 8, 1), {"width": 4}, (1, 1, 4)),  # token mean of C = width
 ]
 CASE_IDS = [f"{name}-{'x'.join(map(str, shape))}" for name, shape, _, _ in CASES]
 
@@ -90,6 +93,9 @@ def test_public_api_imports():
         "resnet8",
         "resnet8-spatial",
         "mlp",
+        "convnet-sme",
+        "vgg11",
+        "mlp-mixer",
     }
     assert all(isinstance(text, str) and text for text in VICTIMS.values())
 
@@ -276,7 +282,7 @@ def test_loss_is_cross_entropy_of_one_example():
 @pytest.mark.parametrize(
     ("name", "kwargs", "match"),
     [
-        ("lenet-5", {"image_shape": (32, 32, 3)}, "known victims: convnet, lenet-dlg"),
+        ("lenet-5", {"image_shape": (32, 32, 3)}, "known victims: convnet, convnet-sme, lenet-dlg"),
         ("lenet-dlg", {"image_shape": (30, 30, 3)}, "multiples of 4"),
         ("resnet18", {"image_shape": (36, 36, 3)}, "multiples of 8"),
         ("resnet8-spatial", {"image_shape": (30, 32, 3)}, "multiples of 4"),

@@ -7,6 +7,12 @@ product ``grad(kernel) = x grad(bias)^T`` that SPE inverts. The MLP also
 exposes its first layer ``fc1`` as ``layers["first"]``, whose input is the
 image itself.
 
+For the FedAvg attacks: ``convnet-sme`` (SME / DLF's small ConvNet, PyTorch
+initialisation), ``vgg11`` and ``mlp-mixer``. Any victim takes
+``precode=K_b``, the PRECODE defense: a variational bottleneck before ``head``
+whose sample makes the loss stochastic (``Victim.stochastic``; ``Victim.loss``
+then needs a PRNG key).
+
 >>> import jax
 >>> from jaxleak.models import get_victim
 >>> victim = get_victim("convnet", image_shape=(32, 32, 3), num_classes=10, width=8)

@@ -6,10 +6,16 @@ sows the head's input *as an NHWC map* into the ``intermediates`` collection
 ``x.reshape(n, -1)``. The sown map is how ``feature_shape`` is computed (by
 ``jax.eval_shape``, never by hand) and how callers read the true features that
 an attack on the head tries to recover.
+
+With PRECODE (``precode=K_b`` on a module), :func:`dense_head` first sends the
+map through the variational bottleneck of :mod:`jaxleak.models._precode`, whose
+encoder input is sown as ``"precode_input"`` and whose decoder output (reshaped
+to the same map) is what ``head`` sees.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -49,6 +55,26 @@ def uniform_init(low: float, high: float) -> nn.initializers.Initializer:
     return init
 
 
+def torch_kernel_init() -> nn.initializers.Initializer:
+    """PyTorch's default Conv2d / Linear weight init, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
+
+    torch draws ``kaiming_uniform_(a=sqrt(5))``, whose bound ``sqrt(6 / (1 + 5)) *
+    sqrt(3 / fan_in)`` is ``1 / sqrt(fan_in)``: a uniform variance scaling with
+    scale 1/3. Flax kernels put the fan-in axes first (``[k, k, C_in, C_out]``,
+    ``[d_in, d_out]``), which is what ``"fan_in"`` reads.
+    """
+    return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's default Conv2d / Linear bias init, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
+
+    The bound depends on the layer's fan-in, which a bias shape does not carry.
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+    return uniform_init(-bound, bound)
+
+
 def sow_map(module: nn.Module, layer_key: str, fmap: Float[Array, "b h w c"]) -> None:
     """Records ``fmap`` (the NHWC input map of layer ``layer_key``) in ``intermediates``."""
     module.sow(INTERMEDIATES, input_name(layer_key), fmap)
@@ -58,12 +84,25 @@ def dense_head(
     module: nn.Module,
     fmap: Float[Array, "b h w c"],
     num_classes: int,
+    *,
+    precode: int | None = None,
     **dense_kwargs: Any,
 ) -> Float[Array, "b k"]:
     """Sows ``fmap``, flattens it in NHWC order and applies the Dense layer ``head``.
 
     Must be called from inside ``module``'s ``@nn.compact`` method.
+
+    With ``precode`` (a bottleneck size ``K_b``) the map first passes through
+    :class:`~jaxleak.models._precode.VariationalBottleneck` (submodule
+    ``"precode"``): ``fmap`` is sown as ``"precode_input"`` and the decoder
+    output, reshaped to ``fmap``'s shape, becomes the head's input.
     """
+    if precode is not None:
+        # Imported here: _precode builds on this module's initialisers.
+        from jaxleak.models._precode import VariationalBottleneck
+
+        sow_map(module, "precode", fmap)
+        fmap = VariationalBottleneck(precode, name="precode")(fmap)
     sow_map(module, "head", fmap)
     flat = fmap.reshape(fmap.shape[0], -1)
     return nn.Dense(num_classes, name="head", **dense_kwargs)(flat)

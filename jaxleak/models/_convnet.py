@@ -40,11 +40,13 @@ class ConvNet(nn.Module):
       num_classes: number of logits K.
       width: base width w (the reference default for CIFAR is 64).
       conv_impl: ``"xla"`` or ``"patches"`` (see :class:`Conv`; same parameters).
+      precode: PRECODE bottleneck size before ``head`` (``None``: none).
     """
 
     num_classes: int
     width: int = 64
     conv_impl: str = "xla"
+    precode: int | None = None
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"], train: bool = False) -> Float[Array, "b k"]:
@@ -56,4 +58,4 @@ class ConvNet(nn.Module):
             x = Conv(step * self.width, 3, impl=self.conv_impl, name=f"conv{conv_index}")(x)
             x = nn.relu(batch_norm(train, name=f"bn{conv_index}")(x))
             conv_index += 1
-        return dense_head(self, x, self.num_classes)
+        return dense_head(self, x, self.num_classes, precode=self.precode)

@@ -20,10 +20,12 @@ class LeNetDLG(nn.Module):
     Attributes:
       num_classes: number of logits K.
       conv_impl: ``"xla"`` or ``"patches"`` (see :class:`Conv`; same parameters).
+      precode: PRECODE bottleneck size before ``head`` (``None``: none).
     """
 
     num_classes: int
     conv_impl: str = "xla"
+    precode: int | None = None
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"], train: bool = False) -> Float[Array, "b k"]:
@@ -35,7 +37,9 @@ class LeNetDLG(nn.Module):
                 name=f"conv{i}",
             )(x)
             x = nn.sigmoid(x)
-        return dense_head(self, x, self.num_classes, kernel_init=init, bias_init=init)
+        return dense_head(
+            self, x, self.num_classes, precode=self.precode, kernel_init=init, bias_init=init
+        )
 
 
 class LeNetVenom(nn.Module):
@@ -48,10 +52,12 @@ class LeNetVenom(nn.Module):
     Attributes:
       num_classes: number of logits K.
       conv_impl: ``"xla"`` or ``"patches"`` (see :class:`Conv`; same parameters).
+      precode: PRECODE bottleneck size before ``head`` (``None``: none).
     """
 
     num_classes: int
     conv_impl: str = "xla"
+    precode: int | None = None
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"], train: bool = False) -> Float[Array, "b k"]:
@@ -60,4 +66,4 @@ class LeNetVenom(nn.Module):
             x = Conv(channels, 5, impl=self.conv_impl, name=f"conv{i}")(x)
             x = nn.relu(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
-        return dense_head(self, x, self.num_classes)
+        return dense_head(self, x, self.num_classes, precode=self.precode)

@@ -18,10 +18,12 @@ class MLP(nn.Module):
     Attributes:
       num_classes: number of logits K.
       hidden: widths of the hidden layers ``fc1, fc2, ...`` (at least one).
+      precode: PRECODE bottleneck size before ``head`` (``None``: none).
     """
 
     num_classes: int
     hidden: tuple[int, ...] = (256,)
+    precode: int | None = None
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"], train: bool = False) -> Float[Array, "b k"]:
@@ -31,4 +33,4 @@ class MLP(nn.Module):
         for i, width in enumerate(self.hidden):
             x = nn.relu(nn.Dense(width, name=f"fc{i + 1}")(x))
         # As a 1 x 1 x width map, so every head input has the same NHWC form.
-        return dense_head(self, x[:, None, None, :], self.num_classes)
+        return dense_head(self, x[:, None, None, :], self.num_classes, precode=self.precode)

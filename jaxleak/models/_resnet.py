@@ -63,6 +63,7 @@ class CifarResNet(nn.Module):
       width: channels of the stem and first stage; stage i has ``width * 2**i``.
       spatial_head: head on the flattened last map instead of after global pooling.
       conv_impl: ``"xla"`` or ``"patches"`` (see :class:`Conv`; same parameters).
+      precode: PRECODE bottleneck size before ``head`` (``None``: none).
     """
 
     num_classes: int
@@ -70,6 +71,7 @@ class CifarResNet(nn.Module):
     width: int = 64
     spatial_head: bool = False
     conv_impl: str = "xla"
+    precode: int | None = None
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"], train: bool = False) -> Float[Array, "b k"]:
@@ -86,4 +88,4 @@ class CifarResNet(nn.Module):
                 )(x, train)
         if not self.spatial_head:
             x = jnp.mean(x, axis=(1, 2), keepdims=True)
-        return dense_head(self, x, self.num_classes)
+        return dense_head(self, x, self.num_classes, precode=self.precode)

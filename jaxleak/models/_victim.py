@@ -17,9 +17,13 @@ from jaxtyping import Array, Float, Int, PyTree
 
 from jaxleak.models._common import CONV_IMPLS, INTERMEDIATES, input_name
 from jaxleak.models._convnet import ConvNet
+from jaxleak.models._convnet_sme import ConvNetSME
 from jaxleak.models._lenet import LeNetDLG, LeNetVenom
+from jaxleak.models._mixer import PATCH, MLPMixer
 from jaxleak.models._mlp import MLP
+from jaxleak.models._precode import DEFAULT_BETA, PRECODE_RNG, precode_penalty
 from jaxleak.models._resnet import CifarResNet
+from jaxleak.models._vgg import POOLS, VGG11
 
 Variables = dict[str, Any]
 
@@ -78,12 +82,20 @@ class Victim:
       module: the Flax linen module; ``module.apply(variables, x, train=...)``.
       image_shape: ``(H, W, C)`` of one input image.
       num_classes: number of logits K.
-      layers: at least ``"head"``; the MLP also has ``"first"`` (its ``fc1``).
+      layers: at least ``"head"``; the MLP also has ``"first"`` (its ``fc1``),
+        ``convnet-sme`` has ``"fc"`` (its Dense on the conv map) and PRECODE
+        victims have ``"precode"`` (the bottleneck's encoder, whose input is
+        the map the head sees without PRECODE).
       has_batch_stats: whether the variables hold a ``batch_stats`` collection.
-      width: base width for the conv nets that have one (``None`` otherwise).
+      width: base width for the nets that have one (``None`` otherwise).
       hidden: hidden widths of the MLP (``None`` for the other models).
       conv_impl: how the convolutions run (``"xla"`` or ``"patches"``);
-        parameters are the same either way. ``None`` for ``mlp``.
+        parameters are the same either way. ``None`` for the models without
+        convolutions (``mlp``, ``mlp-mixer``).
+      precode: PRECODE bottleneck size ``K_b`` (``None``: no PRECODE). A
+        variational bottleneck sits directly before ``head``; see
+        :mod:`jaxleak.models._precode` and :attr:`stochastic`.
+      precode_beta: weight of PRECODE's KL term (``None`` without PRECODE).
     """
 
     name: str
@@ -95,10 +107,75 @@ class Victim:
     width: int | None = None
     hidden: tuple[int, ...] | None = None
     conv_impl: str | None = None
+    precode: int | None = None
+    precode_beta: float | None = None
 
     def __hash__(self) -> int:
         # Every other field is determined by these; hashable so a Victim can be a jit static arg.
-        return hash((self.name, self.image_shape, self.num_classes, self.width, self.hidden, self.conv_impl))
+        return hash(
+            (
+                self.name,
+                self.image_shape,
+                self.num_classes,
+                self.width,
+                self.hidden,
+                self.conv_impl,
+                self.precode,
+                self.precode_beta,
+            )
+        )
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the loss draws noise (PRECODE's ``eps``): then :meth:`loss` needs a key.
+
+        Callers computing per-example losses must split the key per example
+        (``jax.random.split(key, b)``) so that each example draws its own sample.
+        """
+        return self.precode is not None
+
+    def _rngs(self, key: jax.Array | None) -> dict[str, jax.Array] | None:
+        return {PRECODE_RNG: key} if key is not None and self.stochastic else None
+
+    def _require_key(self, key: jax.Array | None, where: str) -> None:
+        if key is None and self.stochastic:
+            raise ValueError(
+                f"{self.name} with PRECODE samples its bottleneck: {where} needs a PRNG key "
+                "(key=...; split it per example)"
+            )
+
+    def _variables(self, params: PyTree, batch_stats: PyTree | None) -> Variables:
+        variables = {"params": params}
+        if self.has_batch_stats:
+            if batch_stats is None:
+                raise ValueError(f"{self.name} uses BatchNorm: pass its batch_stats")
+            variables["batch_stats"] = batch_stats
+        return variables
+
+    def _objective(
+        self,
+        variables: Variables,
+        images: Float[Array, "b h w c"],
+        labels: Int[Array, " b"],
+        *,
+        train: bool,
+        key: jax.Array | None,
+    ) -> tuple[Float[Array, " b"], Variables]:
+        """Per-example training objective and the (possibly updated) ``batch_stats``."""
+        mutable = (["batch_stats"] if train else []) + ([INTERMEDIATES] if self.stochastic else [])
+        rngs = self._rngs(key)
+        if mutable:
+            logits, state = self.module.apply(
+                variables, images, train=train, rngs=rngs, mutable=mutable
+            )
+        else:
+            logits, state = self.module.apply(variables, images, train=train, rngs=rngs), {}
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        if self.stochastic:
+            kl = state[INTERMEDIATES]["precode"]["kl"][-1]
+            losses = losses + precode_penalty(kl, self.precode_beta)
+        batch_stats = state.get("batch_stats", {}) if train else variables.get("batch_stats", {})
+        return losses, dict(batch_stats)
 
     def init(self, key: jax.Array) -> Variables:
         """Fresh variables: ``{"params": ...}`` plus ``"batch_stats"`` for BatchNorm models.
@@ -130,6 +207,7 @@ class Victim:
         images: Float[Array, "b h w c"],
         *,
         train: bool = False,
+        key: jax.Array | None = None,
     ) -> Float[Array, "b k"] | tuple[Float[Array, "b k"], PyTree]:
         """Logits for a batch of images.
 
@@ -140,6 +218,9 @@ class Victim:
             example's output depends on that example alone: this is the mode for
             gradient capture. ``True`` normalises with the batch statistics and
             updates the running ones, for training the victim.
+          key: PRNG key for PRECODE's sample ``eps`` (one draw per example, all
+            from this key). Without it a PRECODE victim is deterministic and
+            uses the bottleneck mean, ``z = mu``. Ignored by other victims.
 
         Returns:
           ``train=False``: logits ``[b, K]``. ``train=True``: ``(logits,
@@ -150,9 +231,12 @@ class Victim:
           ValueError: if ``images`` does not have shape ``(b, *image_shape)``.
         """
         self._check_batch(images)
+        rngs = self._rngs(key)
         if not train:
-            return self.module.apply(variables, images, train=False)
-        logits, updates = self.module.apply(variables, images, train=True, mutable=["batch_stats"])
+            return self.module.apply(variables, images, train=False, rngs=rngs)
+        logits, updates = self.module.apply(
+            variables, images, train=True, mutable=["batch_stats"], rngs=rngs
+        )
         return logits, dict(updates.get("batch_stats", {}))
 
     def loss(
@@ -161,11 +245,15 @@ class Victim:
         batch_stats: PyTree | None,
         image: Float[Array, "h w c"],
         label: Int[Array, ""] | int,
+        key: jax.Array | None = None,
     ) -> Float[Array, ""]:
-        """Cross-entropy of ONE example, BatchNorm in inference mode; vmap over examples.
+        """Training loss of ONE example, BatchNorm in inference mode; vmap over examples.
 
-        ``jax.grad(victim.loss)(params, batch_stats, image, label)`` is that
-        example's gradient, the quantity a federated client reveals.
+        Cross-entropy, plus ``precode_beta * KL(q || N(0, I)) / ln 2`` for PRECODE
+        victims, whose bottleneck sample ``z = mu + sigma * eps`` draws ``eps``
+        from ``key``. ``jax.grad(victim.loss)(params, batch_stats, image, label)``
+        (with ``key`` when :attr:`stochastic`) is that example's gradient, the
+        quantity a federated client reveals.
 
         Args:
           params: the ``params`` collection.
@@ -173,25 +261,66 @@ class Victim:
             for models without BatchNorm).
           image: one image of shape ``image_shape``.
           label: its integer class in ``[0, K)``.
+          key: PRNG key for PRECODE's ``eps``; required when :attr:`stochastic`
+            (give each example its own), ignored otherwise.
 
         Returns:
           The scalar loss.
 
         Raises:
-          ValueError: if ``image`` has the wrong shape or batch statistics are missing.
+          ValueError: if ``image`` has the wrong shape, batch statistics are
+            missing, or a PRECODE victim gets no key.
         """
         if tuple(image.shape) != self.image_shape:
             raise ValueError(
                 f"{self.name}.loss takes ONE image of shape {self.image_shape} (vmap over a "
                 f"batch), got {tuple(image.shape)}"
             )
-        variables = {"params": params}
-        if self.has_batch_stats:
-            if batch_stats is None:
-                raise ValueError(f"{self.name} uses BatchNorm: pass its batch_stats")
-            variables["batch_stats"] = batch_stats
-        logits = self.module.apply(variables, image[None], train=False)[0]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, label)
+        self._require_key(key, "loss")
+        variables = self._variables(params, batch_stats)
+        losses, _ = self._objective(
+            variables, image[None], jnp.asarray(label)[None], train=False, key=key
+        )
+        return losses[0]
+
+    def batch_loss(
+        self,
+        variables: Variables,
+        images: Float[Array, "b h w c"],
+        labels: Int[Array, " b"],
+        *,
+        train: bool = False,
+        key: jax.Array | None = None,
+    ) -> tuple[Float[Array, ""], Variables]:
+        """Mean training loss of a batch, for training the victim (:meth:`loss` per example).
+
+        Args:
+          variables: model variables.
+          images: NHWC batch.
+          labels: integer classes ``[b]``.
+          train: BatchNorm with batch statistics (``True``, updating the running
+            ones) or running statistics (``False``).
+          key: PRNG key for PRECODE's ``eps`` (one draw per example); required
+            when :attr:`stochastic`, ignored otherwise.
+
+        Returns:
+          ``(mean loss, batch_stats)``: the updated running statistics when
+          ``train``, else the given ones (an empty dict without BatchNorm).
+
+        Raises:
+          ValueError: a badly shaped batch, or a PRECODE victim without a key.
+
+        >>> victim = get_victim("mlp", image_shape=(4, 4, 1), num_classes=3, precode=2)
+        >>> variables = victim.init(jax.random.key(0))
+        >>> loss, _ = victim.batch_loss(
+        ...     variables, jnp.zeros((2, 4, 4, 1)), jnp.array([0, 1]), key=jax.random.key(1))
+        >>> loss.shape
+        ()
+        """
+        self._check_batch(images)
+        self._require_key(key, "batch_loss")
+        losses, batch_stats = self._objective(variables, images, labels, train=train, key=key)
+        return jnp.mean(losses), batch_stats
 
     def layer_input(
         self,
@@ -247,6 +376,9 @@ class Victim:
             options["width"] = self.width
         if self.hidden is not None:
             options["hidden"] = list(self.hidden)
+        if self.precode is not None:
+            options["precode"] = self.precode
+            options["precode_beta"] = self.precode_beta
         # ``get_victim(model, image_shape=..., num_classes=..., **options)`` rebuilds this victim.
         return {
             "model": self.name,
@@ -392,6 +524,69 @@ def _build_mlp(
     )
 
 
+def _build_convnet_sme(
+    name: str,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    width: int | None,
+    hidden: Any,
+    conv_impl: str = "xla",
+) -> _Built:
+    _reject_option(name, "hidden", hidden)
+    _require_multiple(name, image_shape, 4)
+    width = 64 if width is None else width
+    return _Built(
+        module=ConvNetSME(num_classes=num_classes, width=width, conv_impl=conv_impl),
+        paths={"head": ("head",), "fc": ("fc",)},
+        width=width,
+        conv_impl=conv_impl,
+    )
+
+
+def _build_vgg11(
+    name: str,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    width: int | None,
+    hidden: Any,
+    conv_impl: str = "xla",
+) -> _Built:
+    _reject_option(name, "hidden", hidden)
+    _require_multiple(name, image_shape, 2**POOLS)
+    width = 64 if width is None else width
+    return _Built(
+        module=VGG11(num_classes=num_classes, width=width, conv_impl=conv_impl),
+        paths=_HEAD_ONLY,
+        width=width,
+        conv_impl=conv_impl,
+    )
+
+
+def _build_mixer(
+    name: str,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    width: int | None,
+    hidden: Any,
+    conv_impl: str = "xla",
+) -> _Built:
+    if conv_impl != "xla":
+        raise ValueError(f"{name} has no convolutions: conv_impl={conv_impl!r} does not apply")
+    _reject_option(name, "hidden", hidden)
+    height, image_width, _ = image_shape
+    if height % PATCH or image_width % PATCH:
+        raise ValueError(
+            f"{name} cuts {PATCH}x{PATCH} patches: image height and width must be multiples of "
+            f"{PATCH}, got {height}x{image_width}"
+        )
+    width = 128 if width is None else width
+    if width < 2:
+        raise ValueError(f"{name}: width must be >= 2 (the token MLP is width // 2 wide)")
+    return _Built(
+        module=MLPMixer(num_classes=num_classes, width=width), paths=_HEAD_ONLY, width=width
+    )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Entry:
     description: str
@@ -445,6 +640,27 @@ _REGISTRY: dict[str, _Entry] = {
         ),
         build=_build_mlp,
     ),
+    "convnet-sme": _Entry(
+        description=(
+            "SME / DLF ConvNet (FedAvg): conv3x3 w, ReLU, avgpool2, conv3x3 2w, ReLU, avgpool2, "
+            "fc 200, ReLU, head on 200 (w=64); torch-default init"
+        ),
+        build=_build_convnet_sme,
+    ),
+    "vgg11": _Entry(
+        description=(
+            "VGG-11 (CIFAR): 8 conv3x3+BN+ReLU (w,2w,4w,4w,8w x4), 5 max-pools, head on "
+            "H/32 x W/32 x 8w (w=64)"
+        ),
+        build=_build_vgg11,
+    ),
+    "mlp-mixer": _Entry(
+        description=(
+            "MLP-Mixer: 4x4 patches (64 tokens at 32x32), hidden C=128 (width), token MLP C/2=64, "
+            "channel MLP 4C=512, depth 4, LayerNorm, token mean, head on C"
+        ),
+        build=_build_mixer,
+    ),
 }
 
 VICTIMS: dict[str, str] = {name: entry.description for name, entry in _REGISTRY.items()}
@@ -461,6 +677,24 @@ def _check_image_shape(image_shape: Any) -> tuple[int, int, int]:
     if shape[2] not in (1, 3):
         raise ValueError(f"images must have 1 or 3 channels (NHWC), got C={shape[2]}")
     return shape
+
+
+def _check_precode(precode: Any, precode_beta: Any) -> tuple[int | None, float | None]:
+    if precode is None:
+        if precode_beta is not None:
+            raise ValueError("precode_beta weights PRECODE's KL term: it needs precode=K_b")
+        return None, None
+    precode = _positive_int(precode, "precode (the bottleneck size)")
+    if precode_beta is None:
+        return precode, DEFAULT_BETA
+    if (
+        isinstance(precode_beta, bool)
+        or not isinstance(precode_beta, numbers.Real)
+        or not math.isfinite(precode_beta)
+        or precode_beta < 0
+    ):
+        raise ValueError(f"precode_beta must be a finite number >= 0, got {precode_beta!r}")
+    return precode, float(precode_beta)
 
 
 def _layers_from_shapes(
@@ -494,24 +728,35 @@ def get_victim(
     width: int | None = None,
     hidden: int | Sequence[int] | None = None,
     conv_impl: str = "xla",
+    precode: int | None = None,
+    precode_beta: float | None = None,
 ) -> Victim:
     """Builds a victim model by name.
 
     Args:
       name: one of ``VICTIMS``.
       image_shape: ``(H, W, C)`` with C in {1, 3}; H and W must suit the model
-        (multiples of 4 for the LeNets and ResNet-8, 8 for ResNet-18, at least 9
-        for the ConvNet).
+        (multiples of 4 for the LeNets, ResNet-8, ``convnet-sme`` and
+        ``mlp-mixer``, 8 for ResNet-18, 32 for VGG-11, at least 9 for the
+        ConvNet).
       num_classes: K >= 2.
-      width: base width of ``convnet`` (default 64) and the ResNets (64 for
-        ResNet-18, 16 for ResNet-8); for ``mlp``, the width of a single hidden
-        layer. Not accepted by the LeNets.
+      width: base width of ``convnet``, ``convnet-sme`` and ``vgg11`` (default
+        64), the ResNets (64 for ResNet-18, 16 for ResNet-8) and ``mlp-mixer``
+        (its hidden width C, default 128); for ``mlp``, the width of a single
+        hidden layer. Not accepted by the LeNets.
       hidden: ``mlp`` only: hidden width(s), an int or a sequence (default 256).
       conv_impl: the convolution implementation (:class:`Conv`): ``"xla"`` or
         ``"patches"`` (im2col; much faster per-example gradients on GPUs, and
-        double-backward attack steps inside loops on CPU). ``mlp`` accepts
-        ``"xla"`` only. Capture and the attacks pick per workload, see
-        :meth:`Victim.with_conv_impl`.
+        double-backward attack steps inside loops on CPU). ``mlp`` and
+        ``mlp-mixer`` accept ``"xla"`` only. Capture and the attacks pick per
+        workload, see :meth:`Victim.with_conv_impl`.
+      precode: PRECODE (Scheliga et al. 2022) bottleneck size ``K_b`` (the
+        paper: 256), or ``None`` for no PRECODE. Any model takes it: a
+        variational bottleneck is inserted directly before ``head``, the loss
+        gains ``precode_beta * KL / ln 2`` and needs a PRNG key (see
+        :attr:`Victim.stochastic`).
+      precode_beta: weight of the KL term (default 1e-3 when ``precode`` is set;
+        only with ``precode``).
 
     Returns:
       The :class:`Victim`, whose ``layers[...].feature_shape`` is computed from
@@ -524,6 +769,9 @@ def get_victim(
     >>> victim = get_victim("lenet-venom", image_shape=(256, 256, 3), num_classes=10)
     >>> victim.layers["head"].feature_shape, victim.layers["head"].in_features
     ((64, 64, 16), 65536)
+    >>> precoded = get_victim("convnet-sme", image_shape=(32, 32, 3), num_classes=10, precode=256)
+    >>> precoded.stochastic, precoded.metadata()["options"]
+    (True, {'width': 64, 'precode': 256, 'precode_beta': 0.001})
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown victim {name!r}; known victims: {', '.join(sorted(_REGISTRY))}")
@@ -533,11 +781,16 @@ def get_victim(
         width = _positive_int(width, "width")
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+    precode, precode_beta = _check_precode(precode, precode_beta)
     built = _REGISTRY[name].build(name, shape, num_classes, width, hidden, conv_impl)
-    layers, has_batch_stats = _layers_from_shapes(name, built.module, shape, built.paths)
+    module, paths = built.module, built.paths
+    if precode is not None:
+        module = module.clone(precode=precode)
+        paths = {**paths, "precode": ("precode", "encoder")}
+    layers, has_batch_stats = _layers_from_shapes(name, module, shape, paths)
     return Victim(
         name=name,
-        module=built.module,
+        module=module,
         image_shape=shape,
         num_classes=num_classes,
         layers=layers,
@@ -545,4 +798,6 @@ def get_victim(
         width=built.width,
         hidden=built.hidden,
         conv_impl=built.conv_impl,
+        precode=precode,
+        precode_beta=precode_beta,
     )
