@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxleak.artifacts import ArtifactError, read_artifact
 from jaxleak.attacks.venom import RecoveryNetConfig, TripletConfig, make_triplets
 from jaxleak.attacks.venom.infer import recover_images
 from jaxleak.attacks.venom.train import (
@@ -64,8 +65,9 @@ def runs(setup, tmp_path_factory):
     first = train_recovery_net(
         NET, victim, variables, images, labels, out_dir=root / "split", until=2, **kwargs
     )
+    # resuming reads every setting from the folder: none is repeated here
     rest = train_recovery_net(
-        NET, victim, variables, images, labels, out_dir=root / "split", resume=True, **kwargs
+        None, victim, variables, images, labels, out_dir=root / "split", resume=True
     )
     return full, first, rest, root
 
@@ -113,6 +115,8 @@ def test_resume_after_interruption_continues_the_same_run(runs):
 def test_checkpoint_round_trip_gives_identical_outputs(runs, setup):
     full, _, _, root = runs
     model, params, info = load_recovery_net(root / "full")
+    stored = read_artifact(root / "full", kind="recovery/venom")
+    assert stored.config["train"]["seed"] == 3 and stored.extra["aux_dataset"]["name"] == "random"
     assert (
         info["step"] == 4 and info["train"]["seed"] == 3 and info["aux_dataset"]["name"] == "random"
     )
@@ -128,9 +132,9 @@ def test_checkpoint_round_trip_gives_identical_outputs(runs, setup):
 def test_mismatched_checkpoints_are_refused(runs, setup):
     _, _, _, root = runs
     victim, variables, images, labels = setup
-    with pytest.raises(ValueError, match="base_width: checkpoint has 8, now 16"):
+    with pytest.raises(ArtifactError, match="network.base_width: checkpoint has 8, expected 16"):
         load_recovery_net(root / "full", expected=dataclasses.replace(NET, base_width=16))
-    with pytest.raises(ValueError, match="resume"):  # occupied directory without resume
+    with pytest.raises(ArtifactError, match="resume"):  # occupied directory without resume
         train_recovery_net(
             NET,
             victim,
@@ -141,7 +145,7 @@ def test_mismatched_checkpoints_are_refused(runs, setup):
             triplet_config=TRIPLETS,
             out_dir=root / "full",
         )
-    with pytest.raises(ValueError, match="train.max_lr"):  # resuming with other settings
+    with pytest.raises(ArtifactError, match="train.max_lr"):  # resuming with other settings
         train_recovery_net(
             NET,
             victim,
@@ -153,8 +157,15 @@ def test_mismatched_checkpoints_are_refused(runs, setup):
             out_dir=root / "full",
             resume=True,
         )
-    with pytest.raises(ValueError, match="not a recovery-network checkpoint"):
+    with pytest.raises(ArtifactError, match="not a jaxleak checkpoint"):
         load_recovery_net(root)
+    with pytest.raises(ArtifactError, match="cannot resume .*missing: it does not exist"):
+        train_recovery_net(None, victim, variables, images, labels, out_dir=root / "missing",
+                           resume=True)
+    assert not (root / "missing").exists()
+    with pytest.raises(ArtifactError, match="triplet_source: checkpoint has 'on-the-fly'"):
+        train_recovery_net(None, victim, variables, images, labels, out_dir=root / "full",
+                           resume=True, triplet_cache=root / "cache.npz")
     with pytest.raises(ValueError, match="variant"):
         train_recovery_net(
             NET, victim, variables, images, labels, config=TrainConfig(variant="fgla")

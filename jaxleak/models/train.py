@@ -1,19 +1,16 @@
 """Training victims (so audits can attack trained weights) and saving / loading them.
 
-Checkpoints are directories::
-
-    <path>/variables/       orbax StandardCheckpointer checkpoint of the Flax variables
-    <path>/metadata.json    {"format", "model", "image_shape", "num_classes", "options", ...}
-
-``load_variables`` refuses a checkpoint whose model name, image shape, class
-count or options differ from the victim it is loaded into.
+Checkpoints are ``"victim"`` artifacts (:mod:`jaxleak.artifacts`): the Flax
+variables under orbax and a ``config.json`` whose config is the model's identity
+(``model``, ``image_shape``, ``num_classes``, ``options``) and whose extra is the
+rest of the metadata (dataset, steps, ...). ``load_variables`` refuses a
+checkpoint whose identity differs from the victim it is loaded into.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,14 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jaxtyping import Array, Float, Int, PyTree
 
+from jaxleak import artifacts
 from jaxleak.models._victim import Victim, get_victim
 
-_FORMAT = "jaxleak-variables-v1"
-_METADATA_FILE = "metadata.json"
-_VARIABLES_DIR = "variables"
+KIND = "victim"
 _IDENTITY_KEYS = ("model", "image_shape", "num_classes", "options")
 _OPTIMIZERS = {"adam": optax.adam, "sgd": optax.sgd}
 
@@ -223,6 +218,28 @@ def evaluate_victim(
     return {"loss": total_loss / images.shape[0], "accuracy": total_correct / images.shape[0]}
 
 
+def _canonical_identity(identity: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A model's identity with defaults filled in, by rebuilding it.
+
+    Options may be given partially (``{}`` for a default-width ConvNet, or an
+    MLP's ``width`` instead of ``hidden``); rebuilding resolves them to the
+    canonical form of ``Victim.metadata()``.
+    """
+    options = dict(identity.get("options") or {})
+    if isinstance(options.get("hidden"), list):
+        options["hidden"] = tuple(options["hidden"])
+    try:
+        stored = get_victim(
+            identity["model"],
+            image_shape=identity["image_shape"],
+            num_classes=identity["num_classes"],
+            **options,
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{where} describes a model that cannot be built: {error}") from error
+    return json.loads(json.dumps(stored.metadata()))
+
+
 def save_variables(
     path: str | Path,
     variables: Mapping[str, Any],
@@ -230,10 +247,14 @@ def save_variables(
     metadata: Mapping[str, Any],
     overwrite: bool = False,
 ) -> Path:
-    """Saves Flax variables with orbax and ``metadata`` as JSON beside them.
+    """Saves Flax variables as a ``"victim"`` artifact (:mod:`jaxleak.artifacts`).
+
+    The model's identity (``model``, ``image_shape``, ``num_classes``,
+    ``options``, resolved to its canonical form) is the artifact's config; the
+    rest of ``metadata`` (dataset, steps, ...) its extra description.
 
     Args:
-      path: checkpoint directory to create.
+      path: checkpoint directory to create (atomically).
       variables: ``{"params": ..., ["batch_stats": ...]}``.
       metadata: JSON-serialisable; must contain ``victim.metadata()``'s keys
         (``model``, ``image_shape``, ``num_classes``, ``options``), e.g.
@@ -244,8 +265,9 @@ def save_variables(
       The absolute checkpoint directory.
 
     Raises:
-      ValueError: missing metadata keys, non-JSON metadata, no ``params``, or
-        ``path`` exists (and is not a jaxleak checkpoint or ``overwrite`` is off).
+      ValueError: missing metadata keys, non-JSON metadata, no ``params``, a
+        model that cannot be built, or ``path`` exists (and is not a jaxleak
+        checkpoint or ``overwrite`` is off).
 
     >>> import tempfile, jax
     >>> from jaxleak.models import get_victim
@@ -263,68 +285,24 @@ def save_variables(
         raise ValueError(f"metadata lacks {missing}; start from victim.metadata()")
     if "params" not in variables:
         raise ValueError(f"variables must hold a 'params' collection, got {sorted(variables)}")
-    try:
-        text = json.dumps({"format": _FORMAT, **metadata}, indent=2, sort_keys=True)
-    except TypeError as error:
-        raise ValueError(f"metadata must be JSON-serialisable: {error}") from error
-    if path.exists():
-        if not (path / _METADATA_FILE).is_file():
-            raise ValueError(f"{path} exists and is not a jaxleak checkpoint; refusing to touch it")
-        if not overwrite:
-            raise ValueError(
-                f"{path} already holds a checkpoint; pass overwrite=True to replace it"
-            )
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+    if path.exists() and (path / artifacts.CONFIG_FILE).is_file() and not overwrite:
+        raise ValueError(f"{path} already holds a checkpoint; pass overwrite=True to replace it")
+    identity = _canonical_identity(metadata, "metadata")
+    extra = {key: value for key, value in metadata.items() if key not in _IDENTITY_KEYS}
     tree = {name: collection for name, collection in variables.items()}
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path / _VARIABLES_DIR, tree)
-        checkpointer.wait_until_finished()
-    # Written last: its presence marks a complete checkpoint.
-    (path / _METADATA_FILE).write_text(text + "\n")
-    return path
+    return artifacts.save_artifact(
+        path, kind=KIND, config=identity, tree=tree, extra=extra, force=overwrite
+    )
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON metadata of a checkpoint written by :func:`save_variables`.
+    """The metadata of a checkpoint written by :func:`save_variables` (identity and description).
 
     Raises:
-      ValueError: if ``path`` is not a (complete) jaxleak checkpoint.
+      ValueError: if ``path`` is not a (complete) jaxleak victim checkpoint.
     """
-    file = Path(path).absolute() / _METADATA_FILE
-    if not file.is_file():
-        raise ValueError(f"{Path(path)} is not a jaxleak checkpoint (no {_METADATA_FILE})")
-    metadata = json.loads(file.read_text())
-    if metadata.get("format") != _FORMAT:
-        raise ValueError(f"{file}: unknown format {metadata.get('format')!r}, expected {_FORMAT}")
-    return metadata
-
-
-def _resolved_identity(metadata: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
-    """The stored model's identity with defaults filled in, by rebuilding it.
-
-    Options may be stored partially (``{}`` for a default-width ConvNet, or an
-    MLP's ``width`` instead of ``hidden``); rebuilding resolves them to the
-    canonical form of ``Victim.metadata()``.
-    """
-    options = dict(metadata.get("options") or {})
-    unknown = sorted(set(options) - {"width", "hidden"})
-    if unknown:
-        raise ValueError(f"checkpoint {Path(path)}: unknown model options {unknown}")
-    if isinstance(options.get("hidden"), list):
-        options["hidden"] = tuple(options["hidden"])
-    try:
-        stored = get_victim(
-            metadata["model"],
-            image_shape=metadata["image_shape"],
-            num_classes=metadata["num_classes"],
-            **options,
-        )
-    except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(
-            f"checkpoint {Path(path)} describes a model that cannot be built: {error}"
-        ) from error
-    return json.loads(json.dumps(stored.metadata()))
+    info = artifacts.read_artifact(path, kind=KIND)
+    return {**info.extra, **info.config}
 
 
 def load_variables(path: str | Path, victim: Victim) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -342,7 +320,7 @@ def load_variables(path: str | Path, victim: Victim) -> tuple[dict[str, Any], di
       ValueError: not a checkpoint, or saved for a different model.
     """
     metadata = read_metadata(path)
-    stored = _resolved_identity(metadata, path)
+    stored = _canonical_identity(metadata, f"checkpoint {Path(path)}")
     expected = json.loads(json.dumps(victim.metadata()))
     differences = [
         f"{key}: checkpoint has {stored[key]!r}, victim has {expected[key]!r}"
@@ -350,10 +328,8 @@ def load_variables(path: str | Path, victim: Victim) -> tuple[dict[str, Any], di
         if stored[key] != expected[key]
     ]
     if differences:
-        raise ValueError(
+        raise artifacts.ArtifactError(
             f"checkpoint {Path(path)} was saved for a different model: " + "; ".join(differences)
         )
-    target = victim.abstract_variables()
-    with ocp.StandardCheckpointer() as checkpointer:
-        variables = checkpointer.restore(Path(path).absolute() / _VARIABLES_DIR, target)
+    variables = artifacts.load_artifact(path, kind=KIND, target=victim.abstract_variables()).tree
     return dict(variables), metadata

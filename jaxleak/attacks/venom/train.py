@@ -5,15 +5,18 @@ it into triplets ``(x_hat, T, z)`` with :func:`make_triplet_fn` (victim forward
 pass, clip, noise, SPE, ``T``) and takes one AdamW step on the reconstruction
 loss, all inside one jitted function: no intermediate files.
 
-Checkpoint directory layout (``out_dir``)::
+A run's folder (``out_dir``) is an artifact of kind ``"recovery/<variant>"``
+(:mod:`jaxleak.artifacts`)::
 
-    out_dir/config.json          what the network was trained with (see _describe)
-    out_dir/checkpoints/<step>/  orbax: state (params, opt_state, step, key) + history
+    out_dir/config.json      config: {"network", "train", "triplets", "spe", "triplet_source"};
+                             extra: the caller's ``info`` (victim, auxiliary data)
+    out_dir/steps/<step>/    state (params, opt_state, step, key) + {"history": ...}
 
-``config.json`` is written before the first checkpoint and compared on resume,
-so a directory never mixes two runs. Resuming restores the optimizer state,
-the step and the PRNG key, so a run stopped at step ``k`` and resumed follows
-the same loss curve as one that never stopped.
+``config.json`` is written (atomically) before the first step, so a folder never
+mixes two runs: ``resume=True`` reads the settings from it and refuses any given
+setting that differs. Resuming restores the optimizer state, the step and the
+PRNG key, so a run stopped at step ``k`` and resumed follows the same loss curve
+as one that never stopped.
 """
 
 from __future__ import annotations
@@ -29,17 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jaxtyping import Array, Float, Int, PyTree
 
+from jaxleak import artifacts
 from jaxleak.attacks.spe import SPEConfig, _pad_rows
 from jaxleak.attacks.venom.network import VARIANTS, RecoveryNetConfig, make_recovery_net
 from jaxleak.attacks.venom.triplets import TripletConfig, Triplets, make_triplet_fn
 
 LOSSES: tuple[str, ...] = ("mse", "mse+cos")
-CONFIG_FILE = "config.json"
-CHECKPOINT_SUBDIR = "checkpoints"
-_FORMAT = "jaxleak-recovery-net-v1"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -328,21 +328,29 @@ def _compiled(
     return model, optimizer, update, cached_update, evaluate
 
 
-# --------------------------------------------------------------------------- checkpoint metadata
+# --------------------------------------------------------------------------- checkpoints
+
+
+def artifact_kind(variant: str) -> str:
+    """The artifact kind of a recovery network (``"recovery/venom"``, ...)."""
+    return f"recovery/{variant}"
+
+
+KINDS: tuple[str, ...] = tuple(artifact_kind(v) for v in VARIANTS)
 
 
 def _config_dict(config) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def _describe(net_config, config, triplet_config, spe_config, info) -> dict[str, Any]:
+def _settings(net_config, config, triplet_config, spe_config, triplet_source) -> dict[str, Any]:
+    """The artifact config: everything that rebuilds the network and its training run."""
     return {
-        "format": _FORMAT,
         "network": _config_dict(net_config),
         "train": _config_dict(config),
         "triplets": _config_dict(triplet_config),
         "spe": _config_dict(spe_config),
-        **json.loads(json.dumps(info or {})),
+        "triplet_source": triplet_source,
     }
 
 
@@ -358,56 +366,68 @@ def _differences(stored: Any, current: Any, prefix: str = "") -> list[str]:
 
 
 def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
-    """The ``config.json`` of a recovery-network checkpoint directory.
+    """A recovery network's stored settings and description, as one flat dict.
+
+    Returns:
+      ``{"kind", "network", "train", "triplets", "spe", "triplet_source",
+      **extra}`` where ``extra`` is the ``info`` given at training (victim,
+      auxiliary data, ...).
 
     Raises:
-      ValueError: if ``path`` holds no recovery-network checkpoint.
+      ArtifactError: ``path`` does not exist or holds no recovery network.
     """
-    file = Path(path) / CONFIG_FILE
-    if not file.is_file():
-        raise ValueError(f"{path} is not a recovery-network checkpoint (no {CONFIG_FILE})")
-    info = json.loads(file.read_text())
-    if info.get("format") != _FORMAT:
-        raise ValueError(f"{file}: unknown format {info.get('format')!r}, expected {_FORMAT}")
-    return info
+    stored = artifacts.read_artifact(path, kind=KINDS)
+    return {**stored.extra, **stored.config, "kind": stored.kind}
 
 
-def _manager(path: Path, max_to_keep: int) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(path.absolute() / CHECKPOINT_SUBDIR, options=options)
+class RunSettings(NamedTuple):
+    """The settings a recovery-network run was started with (see :func:`read_run_settings`)."""
+
+    net_config: RecoveryNetConfig
+    config: TrainConfig
+    triplet_config: TripletConfig
+    spe_config: SPEConfig
+    triplet_source: str
+    info: dict[str, Any]
 
 
-def _save(manager: ocp.CheckpointManager, state: TrainState, history: dict) -> None:
-    step = int(state.step)
-    if step in manager.all_steps():
-        return
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), history=ocp.args.JsonSave(history)
-        ),
+def _tuples(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
+def read_run_settings(path: str | Path) -> RunSettings:
+    """The configs stored in a recovery-network folder, rebuilt (what ``--resume`` continues with).
+
+    Raises:
+      ArtifactError: ``path`` does not exist or holds no recovery network.
+    """
+    return _run_settings(read_checkpoint_info(path))
+
+
+def _run_settings(info: dict[str, Any]) -> RunSettings:
+    return RunSettings(
+        net_config=network_config_from_info(info),
+        config=TrainConfig(**info["train"]),
+        triplet_config=TripletConfig(**_tuples(info["triplets"])),
+        spe_config=SPEConfig(**_tuples(info["spe"])),
+        triplet_source=info.get("triplet_source", "on-the-fly"),
+        info={k: v for k, v in info.items() if k not in _SETTING_KEYS},
     )
-    manager.wait_until_finished()
 
 
-def _restore(manager: ocp.CheckpointManager, abstract: TrainState, path) -> tuple[TrainState, dict]:
-    step = manager.latest_step()
-    if step is None:
-        raise ValueError(f"{path} has no saved steps to restore")
-    try:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()
-            ),
-        )
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(
-            f"checkpoint {path} does not fit the network it describes: {error}"
-        ) from error
-    state = restored["state"]
+_SETTING_KEYS = ("kind", "network", "train", "triplets", "spe", "triplet_source")
+
+
+def _restore(
+    checkpoints: artifacts.StepCheckpoints, abstract: TrainState
+) -> tuple[TrainState, dict]:
+    state, extra, _ = checkpoints.restore(target=abstract)
     state = TrainState(*state) if not isinstance(state, TrainState) else state
-    return state, dict(restored["history"])
+    return state, dict(extra.get("history") or _empty_history())
+
+
+def _save(checkpoints: artifacts.StepCheckpoints, state: TrainState, history: dict) -> None:
+    checkpoints.save_step(int(state.step), state, extra={"history": history})
 
 
 # --------------------------------------------------------------------------- triplet cache
@@ -517,14 +537,49 @@ def _check_images(images, labels, victim, what: str):
     return images, labels
 
 
+def _resolve_settings(
+    out_dir, resume, net_config, config, triplet_config, spe_config, triplet_cache, info
+) -> tuple[RecoveryNetConfig, TrainConfig, TripletConfig, SPEConfig, dict[str, Any]]:
+    """The run's configs: the given ones (defaults filled in), or on resume the stored ones.
+
+    On resume every config that is given again must equal the stored one (the
+    error names the differing keys); ``None`` means "as stored".
+    """
+    source = "cache" if triplet_cache is not None else "on-the-fly"
+    if not resume:
+        if net_config is None or config is None:
+            raise ValueError("net_config and config are needed unless resuming a run")
+        return (net_config, config, triplet_config or TripletConfig(), spe_config or SPEConfig(),
+                dict(info or {}))
+    if out_dir is None:
+        raise ValueError("resume needs out_dir, the folder of the run to continue")
+    given = {
+        name: _config_dict(value)
+        for name, value in (("network", net_config), ("train", config),
+                            ("triplets", triplet_config), ("spe", spe_config))
+        if value is not None
+    }
+    given["triplet_source"] = source
+    found = artifacts.resume_run(out_dir, kind=KINDS, expect=given)
+    stored = _run_settings({**found.extra, **found.config, "kind": found.kind})
+    if info is not None:
+        diffs = artifacts.differences(stored.info, json.loads(json.dumps(info)))
+        if diffs:
+            raise artifacts.ArtifactError(
+                f"cannot resume {out_dir}: it was trained with other settings: " + "; ".join(diffs)
+            )
+    return (stored.net_config, stored.config, stored.triplet_config, stored.spe_config,
+            stored.info)
+
+
 def train_recovery_net(
-    net_config: RecoveryNetConfig,
+    net_config: RecoveryNetConfig | None,
     victim,
     victim_variables: PyTree,
     aux_images: Float[np.ndarray, "n h w c"],
     aux_labels: Int[np.ndarray, " n"],
     *,
-    config: TrainConfig,
+    config: TrainConfig | None = None,
     triplet_config: TripletConfig | None = None,
     spe_config: SPEConfig | None = None,
     eval_images: Float[np.ndarray, "m h w c"] | None = None,
@@ -540,22 +595,29 @@ def train_recovery_net(
 
     Args:
       net_config: architecture; ``image_shape`` must be the victim's and
-        ``feature_shape`` its ``triplet_config.layer`` input map.
+        ``feature_shape`` its ``triplet_config.layer`` input map. ``None`` only
+        with ``resume`` (the stored one).
       victim: the victim model whose protected gradients are inverted.
       victim_variables: its variables (as the attacked clients use them).
       aux_images: the attacker's auxiliary images ``[N, H, W, C]`` in [0, 1].
       aux_labels: their labels ``[N]``.
-      config: training settings.
-      triplet_config: DP protection the triplets simulate (default: ``TripletConfig()``).
-      spe_config: SPE settings of the triplets (default: ``SPEConfig()``).
+      config: training settings (``None`` only with ``resume``).
+      triplet_config: DP protection the triplets simulate (default:
+        ``TripletConfig()``, or the stored one when resuming).
+      spe_config: SPE settings of the triplets (default: ``SPEConfig()``, or
+        the stored one when resuming).
       eval_images, eval_labels: held-out images; default: the last
         ``config.eval_size`` auxiliary images, then excluded from training.
-      out_dir: checkpoint directory (``None``: no checkpoints).
-      resume: continue from the latest checkpoint in ``out_dir``; without it an
-        ``out_dir`` that already holds checkpoints is refused.
+      out_dir: the run's artifact folder (:mod:`jaxleak.artifacts`, kind
+        ``"recovery/<variant>"``; ``None``: no checkpoints). Without ``resume``
+        it must not exist yet.
+      resume: continue the run in ``out_dir`` (which must exist) from its latest
+        step, with its stored settings: the configs and ``info`` given again
+        must equal the stored ones (an error names the differing keys), those
+        left ``None`` are read from the folder.
       until: stop after this step (checkpointing it) though the schedule spans
         ``config.steps``; for splitting a run into pieces.
-      info: JSON-ready extra description stored in ``config.json`` (victim
+      info: JSON-ready description stored as the artifact's extra (victim
         name, options, init seed, auxiliary dataset name/split/source).
       triplet_cache: a ``.npz`` path. Instead of fresh triplets every step,
         train on one fixed triplet per auxiliary image (the reference code's
@@ -568,11 +630,13 @@ def train_recovery_net(
       A :class:`TrainResult`.
 
     Raises:
-      ValueError: on inconsistent configs or shapes, an occupied ``out_dir``
-        without ``resume``, or a resumed directory trained with other settings.
+      ValueError: on inconsistent configs or shapes.
+      ArtifactError: (a ``ValueError``) an occupied ``out_dir`` without
+        ``resume``, a missing one with it, or a resumed run given other settings.
     """
-    triplet_config = triplet_config or TripletConfig()
-    spe_config = spe_config or SPEConfig()
+    net_config, config, triplet_config, spe_config, info = _resolve_settings(
+        out_dir, resume, net_config, config, triplet_config, spe_config, triplet_cache, info
+    )
     if config.variant != net_config.variant:
         raise ValueError(
             f"TrainConfig.variant {config.variant!r} != RecoveryNetConfig.variant "
@@ -609,9 +673,10 @@ def train_recovery_net(
     model, optimizer, update, cached_update, evaluate = _compiled(
         net_config, victim, _step_relevant(config), triplet_config, spe_config
     )
-    description = _describe(net_config, config, triplet_config, spe_config, info)
-    if triplet_cache is not None:  # on-the-fly runs keep the description they always had
-        description["triplet_source"] = "cache"
+    settings = _settings(
+        net_config, config, triplet_config, spe_config,
+        "cache" if triplet_cache is not None else "on-the-fly",
+    )
 
     cache = None
     if triplet_cache is not None:
@@ -635,31 +700,16 @@ def train_recovery_net(
             save_triplet_cache(triplet_cache, cache, cache_description)
         cache = jax.tree_util.tree_map(jnp.asarray, cache)
 
-    manager = None
+    checkpoints = None
     state, history = None, _empty_history()
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        has_config = (out_dir / CONFIG_FILE).is_file()
-        if has_config and not resume:
-            raise ValueError(
-                f"{out_dir} already holds a recovery-network checkpoint; pass resume=True "
-                f"(--resume) to continue it or choose another directory"
+        if not resume:
+            artifacts.start_run(
+                out_dir, kind=artifact_kind(net_config.variant), config=settings, extra=info
             )
-        if resume and has_config:
-            stored = read_checkpoint_info(out_dir)
-            diffs = _differences(stored, description)
-            if diffs:
-                raise ValueError(
-                    f"cannot resume {out_dir}: it was trained with other settings: "
-                    + "; ".join(diffs)
-                )
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / CONFIG_FILE).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
-        manager = _manager(out_dir, config.max_to_keep)
-        if resume and manager.latest_step() is not None:
-            state, history = _restore(
-                manager, _abstract_state(model, optimizer, net_config), out_dir
-            )
+        checkpoints = artifacts.StepCheckpoints(out_dir, max_to_keep=config.max_to_keep)
+        if resume and checkpoints.latest_step() is not None:
+            state, history = _restore(checkpoints, _abstract_state(model, optimizer, net_config))
     if state is None:
         state = init_state(model, optimizer, net_config, config.seed)
 
@@ -696,63 +746,62 @@ def train_recovery_net(
             if config.eval_every and step % config.eval_every == 0:
                 run_eval()
             if (
-                manager is not None
+                checkpoints is not None
                 and config.checkpoint_every
                 and step % config.checkpoint_every == 0
             ):
-                _save(manager, state, history)
+                _save(checkpoints, state, history)
             if bar is not None:
                 psnr = history["eval_psnr"][-1] if history["eval_psnr"] else math.nan
                 bar.set_postfix(loss=f"{loss:.4g}", eval_psnr=f"{psnr:.2f}")
                 bar.update(1)
     except KeyboardInterrupt:
-        if manager is not None:  # keep what was done; --resume continues from here
-            _save(manager, state, history)
+        if checkpoints is not None:  # keep what was done; --resume continues from here
+            _save(checkpoints, state, history)
+            checkpoints.close()
         raise
     finally:
         if bar is not None:
             bar.close()
     if not history["eval_step"] or history["eval_step"][-1] != int(state.step):
         run_eval()
-    if manager is not None:
-        _save(manager, state, history)
-        manager.close()
+    if checkpoints is not None:
+        _save(checkpoints, state, history)
+        checkpoints.close()
     return TrainResult(params=state.params, history=history, step=int(state.step), model=model)
 
 
 def load_recovery_net(
     path: str | Path, *, expected: RecoveryNetConfig | None = None
 ) -> tuple[Any, PyTree, dict[str, Any]]:
-    """Loads the latest checkpoint of a directory written by :func:`train_recovery_net`.
+    """Loads the latest checkpoint of a folder written by :func:`train_recovery_net`.
 
     Args:
-      path: the checkpoint directory.
+      path: the run's artifact folder.
       expected: when given, the network the caller wants; any field that
         differs from the stored one is an error.
 
     Returns:
-      ``(model, params, info)``: the Flax module, its variables and the parsed
-      ``config.json`` plus ``"step"`` (the restored step) and ``"history"``.
+      ``(model, params, info)``: the Flax module, its variables and
+      :func:`read_checkpoint_info` plus ``"step"`` (the restored step) and
+      ``"history"``.
 
     Raises:
-      ValueError: not a checkpoint, no saved step, a stored network that
-        differs from ``expected``, or parameters that do not fit the network.
+      ArtifactError: (a ``ValueError``) not a recovery network, no saved step,
+        a stored network that differs from ``expected``, or parameters that do
+        not fit the network.
     """
     path = Path(path)
     info = read_checkpoint_info(path)
-    net_config = network_config_from_info(info)
-    if expected is not None:
-        diffs = _differences(info["network"], _config_dict(expected))
-        if diffs:
-            raise ValueError(f"checkpoint {path} holds a different network: " + "; ".join(diffs))
-    train_config = TrainConfig(**info["train"])
-    model = make_recovery_net(net_config)
-    optimizer = make_optimizer(train_config)
-    manager = _manager(path, train_config.max_to_keep)
-    try:
-        state, history = _restore(manager, _abstract_state(model, optimizer, net_config), path)
-    finally:
-        manager.close()
+    expect = None if expected is None else {"network": _config_dict(expected)}
+    settings = read_run_settings(path)
+    model = make_recovery_net(settings.net_config)
+    optimizer = make_optimizer(settings.config)
+    abstract = _abstract_state(model, optimizer, settings.net_config)
+    loaded = artifacts.load_artifact(path, kind=info["kind"], expect=expect, target=abstract)
+    state = loaded.tree
+    state = TrainState(*state) if not isinstance(state, TrainState) else state
+    history = loaded.extra.get("history") or _empty_history()
     info = {**info, "step": int(state.step), "history": history}
     return model, state.params, info
 
@@ -765,10 +814,13 @@ def network_config_from_info(info: dict[str, Any]) -> RecoveryNetConfig:
 
 
 __all__ = [
+    "KINDS",
     "LOSSES",
+    "RunSettings",
     "TrainConfig",
     "TrainResult",
     "TrainState",
+    "artifact_kind",
     "build_triplet_cache",
     "init_state",
     "load_recovery_net",
@@ -779,6 +831,7 @@ __all__ = [
     "make_update_fn",
     "network_config_from_info",
     "read_checkpoint_info",
+    "read_run_settings",
     "reconstruction_loss",
     "save_triplet_cache",
     "train_recovery_net",
