@@ -235,40 +235,6 @@ def cmd_capture(args) -> int:
     return 0
 
 
-def cmd_attack(args) -> int:
-    from jaxleak import audit
-    from jaxleak.capture import load_capture
-
-    if args.attack in _OPTIMIZATION_ATTACKS:
-        return cmd_attack_optimization(args)
-    if args.attack == "spe" and args.checkpoint:
-        raise CLIError("attack spe takes no --checkpoint (it has no trained network)")
-    if args.attack != "spe" and not args.checkpoint:
-        raise CLIError(f"attack {args.attack} needs --checkpoint (a folder written by `jaxleak train`)")
-    cap = load_capture(args.captures)
-    sigma2 = args.sigma2
-    if sigma2 not in ("mechanism", "estimate"):
-        try:
-            sigma2 = float(sigma2)
-        except ValueError:
-            raise CLIError(f"--sigma2 must be 'mechanism', 'estimate' or a number, got {sigma2!r}") from None
-    if args.attack != "spe":
-        summary = audit.attack_venom(
-            cap, checkpoint=args.checkpoint, out_dir=args.out, variant=args.attack, sigma2=sigma2,
-            batch_size=args.batch_size, chunk_size=args.chunk_size, lpips_net=args.lpips_net,
-            weights_dir=args.weights_dir)
-        print(json.dumps(summary, indent=2))
-        return 0
-    summary = audit.attack_spe(
-        cap, out_dir=args.out, sigma2=sigma2, refine=not args.no_refine, wavelet=args.wavelet,
-        levels=args.levels, chunk_size=args.chunk_size)
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-_OPTIMIZATION_ATTACKS = ("dlg", "idlg", "ig", "gradinversion", "grnn", "mjolnir")
-
-
 def _parse_overrides(items: Sequence[str] | None) -> dict:
     """``KEY=VALUE`` strings -> config overrides (JSON values; comma lists for layers/layer_weights)."""
     out: dict = {}
@@ -292,53 +258,109 @@ def _parse_overrides(items: Sequence[str] | None) -> dict:
     return out
 
 
-def cmd_attack_optimization(args) -> int:
-    from jaxleak import audit
+_DRIVER_FLAGS = {"scan_chunk": "chunk", "target_batch": "target_batch", "patience": "patience",
+                 "min_delta": "min_delta", "batching": "batching", "unroll": "unroll", "devices": "devices",
+                 "conv_impl": "conv_impl"}
+
+
+def cmd_attack(args) -> int:
+    from jaxleak.attacks.registry import get_attack
+    from jaxleak.audit import run_attack
     from jaxleak.capture import load_capture
 
-    if args.checkpoint:
-        raise CLIError(f"attack {args.attack} takes no --checkpoint (it optimises from scratch)")
+    attack = get_attack(args.attack)
     overrides = _parse_overrides(args.set)
-    for name in ("iterations", "restarts", "labels"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
+    options: dict = {}
+    for opt in attack.options:
+        value = getattr(args, opt.dest + "_opt", None)
+        if value is None:
+            continue
+        if opt.type is bool:
+            value = not opt.flag.startswith("--no-")
+        (overrides if opt.target == "config" else options)[opt.dest] = value
+    if attack.family == "optimization":
+        options.update({dest: getattr(args, flag) for flag, dest in _DRIVER_FLAGS.items()})
     cap = load_capture(args.captures)
-    try:
-        summary = audit.attack_optimization(
-            cap, args.attack, out_dir=args.out, overrides=overrides, null=args.null,
-            match_metric=args.match_metric, chunk=args.scan_chunk, target_batch=args.target_batch,
-            patience=args.patience, min_delta=args.min_delta, seed=args.attack_seed,
-            progress=not args.quiet, batching=args.batching,
-            unroll=args.unroll, conv_impl=args.conv_impl, devices=args.devices, lpips_net=args.lpips_net,
-            weights_dir=args.weights_dir)
-    except TypeError as e:  # an unknown config field in --set
-        raise CLIError(f"bad --set for {args.attack}: {e}") from None
+    summary = run_attack(
+        attack.name, cap, out_dir=args.out, overrides=overrides, artifact=getattr(args, "checkpoint", None),
+        seed=args.attack_seed, progress=not args.quiet, options=options, null=args.null,
+        lpips_net=None if args.lpips_net == "none" else args.lpips_net, weights_dir=args.weights_dir,
+        match_metric=args.match_metric, force=args.force)
     print(json.dumps(summary, indent=2))
     return 0
 
 
-def _add_optimization_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("optimisation attacks (dlg, idlg, ig, gradinversion, grnn, mjolnir); "
-                             "defaults: the reference settings")
-    g.add_argument("--iterations", type=_positive_int, default=None,
-                   help="optimisation steps per target (reference: dlg 300, ig 24000, gradinversion 20000, "
-                        "grnn 1000)")
-    g.add_argument("--restarts", type=_positive_int, default=None, help="random initialisations per target")
-    g.add_argument("--labels", choices=("known", "infer", "joint"), default=None,
-                   help="labels given (known), read off the head gradient (infer) or optimised (joint)")
-    g.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
-                   help="any other config field, e.g. --set tv=1e-4 --set layers=conv0,head (repeatable)")
-    g.add_argument("--null", choices=("shuffle", "noise"), default=None,
-                   help="null control: attack the update of another client (shuffle) or pure noise of the "
-                        "observed scale (noise) instead of the real one")
-    g.add_argument("--match-metric", choices=("psnr", "ssim", "mse"), default="psnr",
-                   help="Hungarian assignment of reconstructions to originals for client batches B > 1")
+def cmd_attacks(args) -> int:
+    from jaxleak.attacks.registry import NEEDS, attacks
+
+    for name, attack in sorted(attacks().items()):
+        needs = ", ".join(attack.needs) or "the attacked layer's update only"
+        print(f"{name:14s} {attack.summary}\n{'':14s} needs: {needs}")
+    print("\nwhat each need means:")
+    for key, text in NEEDS.items():
+        print(f"  {key:13s} {text}")
+    return 0
+
+
+def _add_attack_parsers(sub) -> None:
+    from jaxleak.attacks.registry import attacks
+
+    p = sub.add_parser("attack", help="reconstruct from a capture file (one subcommand per attack)",
+                       description="Run a registered attack (`jaxleak attacks` lists them and what each needs) "
+                                   "on a capture file. Writes reconstructions.npz (SPE: features.npz) and "
+                                   "metrics.json (PSNR, SSIM, MSE, LPIPS, ASR, computed once for every attack; "
+                                   "reconstructions of a client with M > 1 images matched by the Hungarian "
+                                   "algorithm first).")
+    sub_attack = p.add_subparsers(dest="attack", metavar="ATTACK", required=True)
+    for name, attack in sorted(attacks().items()):
+        a = sub_attack.add_parser(name, help=attack.summary, description=attack.summary)
+        a.add_argument("--captures", required=True, help="capture file (.npz)")
+        a.add_argument("--out", required=True, help="output folder")
+        a.add_argument("--force", action="store_true", help="replace results already in --out")
+        if "artifact" in attack.needs:
+            a.add_argument("--checkpoint", required=True, help="trained network folder from `jaxleak train`")
+        g = a.add_argument_group(f"{name} settings (defaults: the reference setting)")
+        for opt in attack.options:
+            if opt.type is bool:
+                g.add_argument(opt.flag, dest=opt.dest + "_opt", action="store_const", const=True, default=None,
+                               help=opt.help)
+            else:
+                g.add_argument(opt.flag, dest=opt.dest + "_opt", type=_option_type(opt), default=None,
+                               choices=opt.choices, help=opt.help)
+        g.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                       help="any config field, e.g. --set tv=1e-4 (repeatable; `--set help=1` lists them)")
+        g = a.add_argument_group("evaluation")
+        g.add_argument("--null", choices=("shuffle", "noise"), default=None,
+                       help="null control: attack the update of another client (shuffle) or pure noise of the "
+                            "observed scale (noise) instead of the real one")
+        g.add_argument("--match-metric", choices=("psnr", "ssim", "mse"), default="psnr",
+                       help="Hungarian assignment of reconstructions to originals for clients with M > 1")
+        g.add_argument("--lpips-net", choices=("alex", "squeeze", "vgg", "none"), default="alex")
+        g.add_argument("--weights-dir", default=None, help="LPIPS weights root (default: $JAXLEAK_WEIGHTS_DIR)")
+        g.add_argument("--attack-seed", type=_nonneg_int, default=0, help="seed of the initialisations")
+        g.add_argument("--quiet", action="store_true", help="no progress bar")
+        if attack.family == "optimization":
+            _add_driver_options(a)
+        a.set_defaults(func=cmd_attack)
+
+
+def _option_type(opt):
+    def parse(text: str):
+        try:
+            return opt.type(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e) or f"bad value {text!r}") from None
+
+    return parse
+
+
+def _add_driver_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimisation driver (only the speed changes)")
     g.add_argument("--scan-chunk", type=_positive_int, default=100, help="iterations per compiled call")
     g.add_argument("--target-batch", type=_positive_int, default=16, help="targets attacked at once (vmap)")
     g.add_argument("--patience", type=_positive_int, default=None,
                    help="stop when the best matching loss has not improved for this many iterations")
     g.add_argument("--min-delta", type=float, default=1e-4, help="relative improvement that resets --patience")
-    g.add_argument("--attack-seed", type=_nonneg_int, default=0, help="seed of the initialisations")
     g.add_argument("--batching", choices=("vmap", "map"), default="vmap",
                    help="targets of a block as one vectorised program (vmap) or one after another in the "
                         "same compiled call (map; faster for conv victims on CPU). Same results.")
@@ -348,9 +370,7 @@ def _add_optimization_options(p: argparse.ArgumentParser) -> None:
                    help="local devices that share each block of targets (vmap; default: all of them)")
     g.add_argument("--conv-impl", choices=("auto", "xla", "patches"), default="auto",
                    help="victim convolutions during the attack: patches (im2col; ~10x faster IG steps on "
-                        "CPU for the ConvNet) or xla; auto = patches for every conv victim. Only the speed "
-                        "changes.")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+                        "CPU for the ConvNet) or xla; auto = patches for every conv victim.")
 
 
 def cmd_train(args) -> int:
@@ -541,31 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("attack", help="reconstruct from a capture file",
-                       description="Run an attack on a capture file. spe writes features.npz, and "
-                                   "reconstructions.npz + metrics.json when images are recovered; venom, "
-                                   "venom-diff and fgla run SPE then the network of --checkpoint and write "
-                                   "reconstructions.npz + metrics.json. dlg, idlg, ig, gradinversion, grnn and "
-                                   "mjolnir optimise dummy images until their gradient matches the whole "
-                                   "update (captures made with --keep-update) and write the same files.")
-    p.add_argument("attack", choices=("spe", "venom", "venom-diff", "fgla", *_OPTIMIZATION_ATTACKS),
-                   help="spe: Venom's Structural Prior Extraction; venom/venom-diff/fgla: SPE + a network "
-                        "trained by `jaxleak train`")
-    p.add_argument("--checkpoint", default=None, help="recovery-network folder from `jaxleak train`")
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="captures per network call")
-    p.add_argument("--lpips-net", choices=("alex", "squeeze", "vgg"), default="alex")
-    p.add_argument("--weights-dir", default=None, help="LPIPS weights root (default: $JAXLEAK_WEIGHTS_DIR)")
-    p.add_argument("--captures", required=True, help="capture file (.npz)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--sigma2", default="mechanism",
-                   help="noise variance for SPE's stabiliser: 'mechanism' (from the capture's meta, "
-                        "falls back to estimate), 'estimate' (from the update alone) or a number")
-    p.add_argument("--no-refine", action="store_true", help="skip the wavelet refinement")
-    p.add_argument("--wavelet", default="db4")
-    p.add_argument("--levels", type=_positive_int, default=2)
-    p.add_argument("--chunk-size", type=_positive_int, default=512)
-    _add_optimization_options(p)
-    p.set_defaults(func=cmd_attack)
+    _add_attack_parsers(sub)
+    p = sub.add_parser("attacks", help="list the registered attacks and what each needs from a capture")
+    p.set_defaults(func=cmd_attacks)
 
     p = sub.add_parser("bench", help="measure throughput (prints one JSON line)")
     p.add_argument("what", choices=("capture",))

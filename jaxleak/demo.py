@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jaxleak import audit
+from jaxleak.attacks import run_spe
 from jaxleak.privacy import DPConfig
 
 DEMO_DATASET = "mnist-embedded"
@@ -47,11 +48,11 @@ def run_demo(*, out_dir: str = "jaxleak-demo", n: int = 256, epsilons: Sequence[
     for eps in [math.inf, *epsilons]:
         dp = DPConfig(calibration="none") if math.isinf(eps) else DPConfig(calibration="paper", epsilon=eps)
         cap = audit.capture(mlp, mlp_vars, data, dp=dp, seed=seed, layer="first", extra_meta=mlp_meta)
-        res, _ = audit.run_spe(cap)
+        res, _ = run_spe(cap)
         recon = np.clip(res.features.reshape(cap.n, *cap.image_shape), 0, 1)
         m = audit.image_metrics(recon, cap.images_float())
         cap_h = audit.capture(lenet, lenet_vars, data, dp=dp, seed=seed, layer="head", extra_meta=lenet_meta)
-        res_h, _ = audit.run_spe(cap_h)
+        res_h, _ = run_spe(cap_h)
         f = audit.feature_metrics(res_h.features_raw, res_h.features, true_features)
         finite_psnr = m["psnr"][np.isfinite(m["psnr"])]
         rows.append({

@@ -17,9 +17,12 @@ def _run(capsys, *argv):
 
 
 def test_help_on_every_subcommand(capsys):
-    for cmd in ("demo", "capture", "attack", "train", "bench", "train-victim", "models", "datasets"):
+    from jaxleak.attacks import attacks
+
+    commands = ["demo", "capture", "attack", "attacks", "train", "bench", "train-victim", "models", "datasets"]
+    for cmd in [*([c] for c in commands), *(["attack", name] for name in attacks())]:
         with pytest.raises(SystemExit) as e:
-            main([cmd, "--help"])
+            main([*cmd, "--help"])
         assert e.value.code == 0
         assert "usage: jaxleak" in capsys.readouterr().out
 
@@ -97,7 +100,7 @@ def test_bench_capture_prints_one_json_line(capsys):
     lines = out.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
-    assert result["examples_per_second"] > 0 and result["batch"] == 4 and result["calibration"] == "dpsgd"
+    assert result["examples_per_second"] > 0 and result["clients"] == 4 and result["calibration"] == "dpsgd"
     assert result["device"]
 
 
@@ -105,7 +108,7 @@ def test_train_victim_then_capture_from_its_checkpoint(tmp_path, capsys):
     ckpt = tmp_path / "victim"
     code, _out, _ = _run(capsys, "train-victim", "--model", "mlp", "--hidden", "16", "--n", "64",
                         "--train-steps", "3", "--batch-size", "16", "--quiet", "--out", str(ckpt))
-    assert code == 0 and (ckpt / "metadata.json").exists()
+    assert code == 0 and (ckpt / "config.json").exists()
     caps = tmp_path / "caps.npz"
     assert _run(capsys, "capture", "--model", "mlp", "--hidden", "16", "--checkpoint", str(ckpt), "--n", "2",
                 "--quiet", "--keep-params", "--out", str(caps))[0] == 0
@@ -135,7 +138,9 @@ def test_train_venom_then_attack_end_to_end(tmp_path, capsys):
     assert code == 0, err
     summary = json.loads(out)
     assert summary["step"] == 2 and summary["aux_dataset"]["name"] == "mnist-embedded"
-    stored = json.loads((ckpt / "config.json").read_text())
+    from jaxleak.attacks.venom.train import read_checkpoint_info
+
+    stored = read_checkpoint_info(ckpt)
     assert stored["victim"]["model"] == "lenet-venom" and stored["victim"]["image_shape"] == [16, 16, 1]
     assert stored["triplets"]["epsilons"] == [1.0, 5.0, 10.0] and stored["train"]["loss"] == "mse+cos"
 
@@ -176,7 +181,9 @@ def test_train_fgla_uses_label_row_features_end_to_end(tmp_path, capsys):
                           "--steps", "2", "--batch-size", "4", "--eval-size", "8", "--eval-every", "0",
                           *_TINY_NET, "--triplet-cache", str(tmp_path / "trip.npz"), "--quiet", "--out", str(ckpt))
     assert code == 0, err
-    assert json.loads((ckpt / "config.json").read_text())["triplets"]["features"] == "fgla"
+    from jaxleak.attacks.venom.train import read_checkpoint_info
+
+    assert read_checkpoint_info(ckpt)["triplets"]["features"] == "fgla"
     assert (tmp_path / "trip.npz").is_file()
     caps = tmp_path / "caps.npz"
     assert _run(capsys, "capture", "--image-size", "16", "--n", "3", "--epsilon", "5", "--quiet",

@@ -390,7 +390,7 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     victim, variables, images, _ = _built(3)  # convnet: params and batch_stats
     path = tmp_path / "ckpt"
     out = save_variables(path, variables, metadata={**victim.metadata(), "steps": 7})
-    assert out == path.absolute() and (path / "metadata.json").is_file()
+    assert out == path.absolute() and (path / "config.json").is_file()
     loaded, metadata = load_variables(path, victim)
     assert metadata["steps"] == 7 and metadata["model"] == "convnet"
     assert read_metadata(path) == metadata

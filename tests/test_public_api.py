@@ -9,7 +9,9 @@ import jaxleak
 def test_every_exported_name_resolves():
     for name in jaxleak.__all__:
         assert getattr(jaxleak, name) is not None, name
-    for mod in ("attacks", "attacks.venom", "capture", "data", "models", "privacy", "metrics", "report"):
+    mods = ("attacks", "attacks.venom", "attacks.registry", "audit", "capture", "data", "defenses", "models",
+            "privacy", "protocols", "metrics", "report")
+    for mod in mods:
         module = __import__(f"jaxleak.{mod}", fromlist=["__all__"])
         for name in module.__all__:
             assert hasattr(module, name), f"jaxleak.{mod}.{name}"

@@ -97,7 +97,7 @@ def _row(cap, attack: str, out: str, overrides: dict, null, setting: str, driver
     """Runs one attack (or reuses a finished ``out``) and summarises its metrics.json."""
     path = os.path.join(out, "metrics.json")
     if not os.path.exists(path):
-        audit.attack_optimization(cap, attack, out_dir=out, overrides=overrides, null=null, **driver)
+        audit.run_attack(attack, cap, out_dir=out, overrides=overrides, null=null, options=driver, force=True)
     with open(path) as f:
         meta = json.load(f)
     metrics = meta["metrics"]

@@ -36,6 +36,7 @@ import numpy as np
 
 from jaxleak import audit
 from jaxleak.capture import load_capture, save_capture
+from jaxleak.attacks import run_spe
 from jaxleak.privacy import DPConfig
 
 HERE = Path(__file__).resolve().parent
@@ -148,7 +149,7 @@ def evaluate(args, cell: Path, checkpoints: dict[str, str]) -> dict:
             # SPE alone: fidelity of the recovered head-input map (no image for lenet-venom)
             spe_file = run / "spe.json"
             if not spe_file.exists():
-                res, source = audit.run_spe(cap)
+                res, source = run_spe(cap)
                 v, variables_ = audit.victim_from_capture(cap)
                 true = audit.layer_inputs(v, variables_, cap.images_float())
                 fm = audit.feature_metrics(res.features_raw, res.features, true)
@@ -158,8 +159,8 @@ def evaluate(args, cell: Path, checkpoints: dict[str, str]) -> dict:
             for variant in args.networks:
                 out = run / variant
                 if not (out / "metrics.json").exists():
-                    audit.attack_venom(cap, checkpoint=checkpoints[variant], out_dir=str(out),
-                                       variant=variant)
+                    audit.run_attack(variant, cap, artifact=checkpoints[variant], out_dir=str(out),
+                                     force=True)
                 per_seed[variant][str(eps)].append(_means(out / "metrics.json"))
             print(f"[{cell.name}] seed {seed} eps {eps:g}: "
                   + ", ".join(f"{m} {per_seed[m][str(eps)][-1].get('psnr', float('nan')):.2f} dB"

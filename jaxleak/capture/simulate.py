@@ -225,6 +225,7 @@ def capture_updates(
     info = {
         "format_version": 2,
         "model": victim.name,
+        "model_options": victim.metadata()["options"],
         "image_shape": list(victim.image_shape),
         "num_classes": int(victim.num_classes),
         "feature_shape": list(dense.feature_shape),

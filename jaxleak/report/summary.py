@@ -110,13 +110,28 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"object of type {type(value).__name__} is not JSON serializable")
 
 
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write_metrics_json(
     path: str | Path,
     metrics: Mapping[str, Any],
     *,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Writes ``{"metrics": summarize(metrics), "n": N, **extra}`` as indented JSON.
+    """Writes ``{"metrics": summarize(metrics), "n": N, **extra}`` as indented, strict JSON.
+
+    Non-finite numbers (a perfect reconstruction's PSNR is +inf) are written as
+    ``null``: the file has no ``Infinity`` / ``NaN`` tokens; ``n_inf`` / ``n_nan``
+    count them per metric.
 
     Args:
         path: Output file; parent folders are created.
@@ -138,8 +153,10 @@ def write_metrics_json(
         raise ValueError(f"extra must not use the reserved keys {clashes}.")
     summary = summarize(metrics)
     n = len(next(iter(summary.values()))["values"])
-    payload = {"metrics": summary, "n": n, **extra}
-    text = json.dumps(payload, indent=2, default=_json_default)
+    payload = _strict(json.loads(json.dumps({"metrics": summary, "n": n, **extra}, default=_json_default)))
+    # Strict JSON: no Infinity / NaN tokens, which many JSON readers reject. A non-finite value
+    # (a perfect reconstruction's PSNR is +inf) is written as null; n_inf / n_nan count them.
+    text = json.dumps(payload, indent=2, allow_nan=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text + "\n", encoding="utf-8")
