@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxleak.attacks.spe import SPEConfig
-from jaxleak.attacks.venom.triplets import TripletConfig, make_triplets
+from jaxleak.attacks.venom.triplets import TripletConfig, make_triplet_fn, make_triplets
 from jaxleak.models import get_victim
 
 
@@ -54,3 +54,26 @@ def test_dpsgd_and_estimated_sigma_run_and_bad_inputs_are_rejected(setup):
         TripletConfig(calibration="dpsgd", mechanism="laplace")
     with pytest.raises(ValueError, match="images"):
         make_triplets(victim, variables, images[:4, :32], labels[:4], jax.random.PRNGKey(0))
+
+
+def test_chunked_triplets_draw_the_same_noise_as_one_call(setup):
+    """Image i uses fold_in(key, i) whatever the chunk size; floats agree to float32 rounding."""
+    victim, variables, images, labels = setup
+    config = TripletConfig(calibration="paper", epsilons=(0.1, 100.0))
+    key = jax.random.PRNGKey(4)
+    whole = make_triplets(victim, variables, images[:7], labels[:7], key, config=config)
+    direct = make_triplet_fn(victim, config, SPEConfig())(variables, images[:7], labels[:7], key)
+    for a, b in zip(whole, direct, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    chunked = make_triplets(victim, variables, images[:7], labels[:7], key, config=config,
+                            chunk_size=3)  # 3 + 3 + padded 1
+    assert isinstance(chunked.features, np.ndarray) and chunked.features.shape[0] == 7
+    np.testing.assert_array_equal(chunked.epsilon, np.asarray(whole.epsilon))  # same draws
+    np.testing.assert_array_equal(chunked.images, images[:7])
+    scale = np.abs(np.asarray(whole.features)).max()
+    np.testing.assert_allclose(chunked.features, np.asarray(whole.features), rtol=0,
+                               atol=1e-5 * scale)
+    np.testing.assert_allclose(chunked.noise_strength, np.asarray(whole.noise_strength),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        make_triplets(victim, variables, images[:4], labels[:4], key, chunk_size=0)

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from jaxleak.attacks.spe import _pad_rows
+from jaxleak._batching import map_chunked
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -108,8 +108,9 @@ def fgla_batch(
       fc_bias_grad: ``[N, K]`` protected head bias gradients.
       feature_shape: ``(H, W, C)`` with ``H * W * C = d`` (the head's input map, HWC order).
       labels: ``[N]`` known labels; ``None`` infers each from its update.
-      chunk_size: captures per compiled call (the last chunk is padded so one
-        compilation serves all); ``None`` runs everything at once.
+      chunk_size: captures per compiled call (:func:`jaxleak._batching.map_chunked`:
+        the last chunk is padded so one compilation serves all); ``None`` runs
+        everything at once.
 
     Returns:
       :class:`FGLAResult` (NumPy arrays).
@@ -143,18 +144,9 @@ def fgla_batch(
     flags = np.full((n,), given)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    fn = _compiled(feature_shape)
-    size = n if chunk_size is None else min(chunk_size, n)
-    feats, ys = [], []
-    for start in range(0, n, size):
-        stop = min(start + size, n)
-        part = [_pad_rows(a[start:stop], size) for a in (gw, gb, lab, flags)]
-        f, y = fn(*(jnp.asarray(a) for a in part))
-        feats.append(np.asarray(f)[: stop - start])
-        ys.append(np.asarray(y)[: stop - start])
-    return FGLAResult(
-        features=np.concatenate(feats), labels=np.concatenate(ys), label_inferred=~flags
-    )
+    features, ys = map_chunked(_compiled(feature_shape), gw, gb, lab, flags,
+                               chunk=n if chunk_size is None else chunk_size)
+    return FGLAResult(features=features, labels=ys, label_inferred=~flags)
 
 
 __all__ = ["FGLAResult", "fgla_batch", "fgla_features", "infer_label"]

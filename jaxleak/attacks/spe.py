@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
+from jaxleak._batching import map_chunked, take_rows
 from jaxleak.attacks.wavelet import max_level, wavedec2, waverec2
 
 # Median absolute deviation of a standard normal: sigma = MAD / 0.6745.
@@ -460,11 +461,13 @@ def spe_batch(
       feature_shape: ``(H, W, C)`` with ``H * W * C = d``.
       sigma2: ``None`` (estimate per capture), one variance for all, or ``[N]``.
       config: SPE settings.
-      chunk_size: process at most this many captures per call; the last chunk is
-        padded (with copies of the last capture) to the same size so one
-        compilation serves all chunks. Chunk results are moved to the host and
-        concatenated there, so the fields are NumPy arrays in that case. ``None``
-        runs everything at once and returns device arrays.
+      chunk_size: process at most this many captures per call
+        (:func:`jaxleak._batching.map_chunked`: the last chunk is padded with
+        copies of the last capture so one compilation serves all chunks). Chunk
+        results are moved to the host and concatenated there, so the fields are
+        NumPy arrays when ``chunk_size < N``. ``None`` runs everything at once
+        and returns device arrays. Results agree across chunk sizes to float32
+        rounding, not bit for bit (docs/pitfalls.md, "The batching edge").
 
     Returns:
       :class:`SPEResult` with a leading ``N`` axis on every field.
@@ -497,31 +500,28 @@ def spe_batch(
     dtype = _float_dtype(fc_weight_grad)
     sig = np.zeros((n,), dtype) if estimate else sig.astype(dtype)
     fn = _compiled(feature_shape, config, estimate, True)
-
-    def run(gw, gb, s):
-        return fn(jnp.asarray(gw, dtype), jnp.asarray(gb, dtype), jnp.asarray(s, dtype))
-
-    if chunk_size is None or chunk_size >= n:
-        return run(fc_weight_grad, fc_bias_grad, sig)
-    parts = []
-    for start in range(0, n, chunk_size):
-        stop = min(start + chunk_size, n)
-        chunk = [_pad_rows(a[start:stop], chunk_size) for a in (fc_weight_grad, fc_bias_grad, sig)]
-        out = jax.device_get(run(*chunk))
-        parts.append(jax.tree.map(lambda leaf, k=stop - start: np.asarray(leaf)[:k], out))
-    return SPEResult(*(np.concatenate(fields) for fields in zip(*parts)))
+    gw, gb = _cast(fc_weight_grad, dtype), _cast(fc_bias_grad, dtype)
+    whole = chunk_size is None or chunk_size >= n
+    return map_chunked(
+        fn, gw, gb, sig, chunk=n if whole else chunk_size, out="device" if whole else "numpy"
+    )
 
 
 # -------------------------------------------------------------- validation
 
 
 def _pad_rows(a, size: int):
-    """Pads axis 0 to ``size`` with copies of the last row."""
-    missing = size - a.shape[0]
-    if missing == 0:
-        return a
-    xp = jnp if isinstance(a, jax.Array) else np
-    return xp.concatenate([a, xp.repeat(a[-1:], missing, axis=0)])
+    """Pads axis 0 to ``size`` with copies of the last row.
+
+    Kept only for ``jaxleak.attacks.venom.train`` until its triplet cache moves to
+    :func:`jaxleak._batching.map_chunked`; new code calls that.
+    """
+    return take_rows(a, 0, size)
+
+
+def _cast(a, dtype: np.dtype):
+    """``a`` as ``dtype`` where it is (host or device); no copy when it already is."""
+    return jnp.asarray(a, dtype) if isinstance(a, jax.Array) else np.asarray(a, dtype)
 
 
 def _float_dtype(a) -> np.dtype:

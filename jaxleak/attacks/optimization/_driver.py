@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PyTree
 
+from jaxleak._batching import device_count, placement, take_rows
+
 
 class Candidate(NamedTuple):
     """What an attack reconstructs for one target: a batch of images and label distributions."""
@@ -97,10 +99,7 @@ class RunOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.devices is not None and (isinstance(self.devices, bool) or not isinstance(self.devices, int)
-                                         or not 1 <= self.devices <= jax.local_device_count()):
-            raise ValueError(f"devices must be None or an int in [1, {jax.local_device_count()}] "
-                             f"(the local devices), got {self.devices!r}")
+        device_count(self.devices)  # raises on a bad count
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be None or >= 1, got {self.patience!r}")
         if not self.min_delta >= 0:
@@ -204,34 +203,15 @@ def _keys(seed: int, targets: np.ndarray, restarts: int) -> Array:
     return jax.vmap(lambda k: jax.vmap(lambda r: jax.random.fold_in(k, r))(jnp.arange(restarts)))(per_target)
 
 
-def _runs(a: np.ndarray, idx: np.ndarray, restarts: int) -> np.ndarray:
-    """Rows ``idx`` of ``a``, each repeated ``restarts`` times; a view (no copy) when that is possible.
+def _runs(a: np.ndarray, start: int, block: int, restarts: int) -> np.ndarray:
+    """Rows ``start : start + block`` of ``a`` (padded), each repeated ``restarts`` times.
 
-    Observed updates of large victims are big (ResNet-18: 45 MB per target), so
-    a full block is not copied twice on the host before it reaches the device.
+    A view (no copy) for a full block and one restart: observed updates of large
+    victims are big (ResNet-18: 45 MB per target), so a block is not copied
+    twice on the host before it reaches the device.
     """
-    picked = a[idx[0]: idx[-1] + 1] if np.all(np.diff(idx) == 1) else a[idx]
+    picked = take_rows(a, start, block)
     return picked if restarts == 1 else np.repeat(picked, restarts, axis=0)
-
-
-def _placement(options: RunOptions, block: int) -> tuple[int, int, Callable, Callable]:
-    """The padded block size, the devices used, and how to place per-run and shared inputs on them.
-
-    With several devices (and ``vmap``), a block's ``block x restarts`` runs are
-    split along their leading axis with a ``NamedSharding`` and the shared
-    variables are replicated; XLA then runs each device's share of the one
-    vectorised program. On one device both put their inputs on the default
-    device once per block, so no chunk call copies host arrays again.
-    """
-    count = jax.local_device_count() if options.devices is None else options.devices
-    if options.batching != "vmap" or count == 1:
-        return block, 1, jax.device_put, jax.device_put
-    block = -(-block // count) * count  # every device gets the same number of targets
-    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:count]), ("runs",))
-    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("runs"))
-    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return (block, count, lambda tree: jax.device_put(tree, split),
-            lambda tree: jax.device_put(tree, whole))
 
 
 def run_problem(problem: Problem, targets: PyTree, shared: PyTree, options: RunOptions) -> RunResult:
@@ -249,8 +229,12 @@ def run_problem(problem: Problem, targets: PyTree, shared: PyTree, options: RunO
     """
     leaves = jax.tree_util.tree_leaves(targets)
     n = int(leaves[0].shape[0])
-    block, devices, place, replicate = _placement(options, min(options.target_batch, n))
-    shared = replicate(shared)
+    # Several devices split each vmapped block (its targets x restarts runs) along its leading
+    # axis, the block padded to a multiple of the device count; lax.map blocks stay on one device.
+    devices = options.devices if options.batching == "vmap" else 1
+    layout = placement(min(options.target_batch, n), devices)
+    block, devices, place = layout.size, layout.devices, layout.split
+    shared = layout.replicate(shared)
     restarts = options.restarts
     chunk = min(options.chunk, options.iterations)
     n_chunks = math.ceil(options.iterations / chunk)
@@ -262,9 +246,8 @@ def run_problem(problem: Problem, targets: PyTree, shared: PyTree, options: RunO
     host = jax.tree_util.tree_map(np.asarray, targets)
     for start in range(0, n, block):
         stop = min(start + block, n)
-        idx = np.arange(start, start + block)
-        idx[idx >= n] = n - 1  # pad with copies of the last target
-        sub = jax.tree_util.tree_map(lambda a, i=idx: _runs(a, i, restarts), host)
+        idx = np.minimum(np.arange(start, start + block), n - 1)  # pads with the last target
+        sub = jax.tree_util.tree_map(lambda a, s=start: _runs(a, s, block, restarts), host)
         keys = _keys(options.seed, idx, restarts).reshape(block * restarts, -1)
         sub, keys = place(sub), place(keys)
         # Placing the carry again is a no-op unless XLA chose another sharding for an output.

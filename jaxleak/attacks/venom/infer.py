@@ -3,10 +3,10 @@
 One jitted function maps a chunk of captures to images; the network is written
 for one capture and ``vmap``-ed here (a batch of one per call of
 ``model.apply``, so every image's output depends on its own inputs only, as
-GroupNorm and attention act within one image). Chunks are padded to a fixed
-size so one compilation serves every chunk. With several devices the chunk is
-split along its leading axis over a 1-D mesh (``NamedSharding``); parameters
-are replicated.
+GroupNorm and attention act within one image). :func:`jaxleak._batching.map_chunked`
+walks the chunks: the last is padded so one compilation serves every chunk, and
+with several devices each chunk is split along its leading axis over a 1-D mesh
+(``NamedSharding``) with the parameters replicated.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, PyTree
+
+from jaxleak._batching import map_chunked
 
 
 def _one(model, params: PyTree, features: Float[Array, "h w c"], t: Float[Array, ""]):
@@ -29,13 +29,6 @@ def _one(model, params: PyTree, features: Float[Array, "h w c"], t: Float[Array,
 def make_infer_fn(model):
     """A jitted ``(params, features [B,h,w,c], T [B]) -> images [B,H,W,C]`` (vmap of one capture)."""
     return jax.jit(jax.vmap(functools.partial(_one, model), in_axes=(None, 0, 0)))
-
-
-def _mesh() -> Mesh | None:
-    devices = jax.devices()
-    if len(devices) < 2:
-        return None
-    return Mesh(np.array(devices), ("batch",))
 
 
 def recover_images(
@@ -85,29 +78,9 @@ def recover_images(
     finite = np.isfinite(t)
     if not finite.all():
         t = np.where(finite, t, t[finite].max() if finite.any() else 0.0).astype(np.float32)
-    n = features.shape[0]
-    fn = make_infer_fn(model)
-    mesh = _mesh()
-    size = min(int(batch_size), max(n, 1))
-    if mesh is not None:
-        k = mesh.devices.size
-        size = -(-size // k) * k
-        data_sharding = NamedSharding(mesh, PartitionSpec("batch"))
-        params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-    out = []
-    for start in range(0, n, size):
-        x, tt = features[start : start + size], t[start : start + size]
-        m = x.shape[0]
-        if m < size:  # pad with copies of the last capture: one compiled shape for all chunks
-            x = np.concatenate([x, np.repeat(x[-1:], size - m, 0)])
-            tt = np.concatenate([tt, np.repeat(tt[-1:], size - m, 0)])
-        x, tt = jnp.asarray(x), jnp.asarray(tt)
-        if mesh is not None:
-            x, tt = jax.device_put(x, data_sharding), jax.device_put(tt, data_sharding)
-        out.append(np.asarray(fn(params, x, tt))[:m])
-    if not out:
-        return np.zeros((0, *model.image_shape), np.float32)
-    return np.concatenate(out).astype(np.float32)
+    images = map_chunked(make_infer_fn(model), features, t, shared=(params,),
+                         chunk=int(batch_size), devices=None)
+    return np.asarray(images, np.float32)
 
 
 __all__ = ["make_infer_fn", "recover_images"]

@@ -19,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
+from jaxleak._batching import map_chunked
 from jaxleak.attacks.fgla import fgla_features, infer_label
 from jaxleak.attacks.spe import SPEConfig, _spe_single
-from jaxleak.capture.simulate import protected_layer
+from jaxleak.defenses.dp import protect_update
+from jaxleak.protocols import FEDSGD, local_update
 from jaxleak.privacy.mechanisms import DPConfig, resolve
 
 FEATURES: tuple[str, ...] = ("spe", "fgla")
@@ -124,10 +126,13 @@ def _one_triplet(
     k_eps, k_noise = jax.random.split(key)
     i = jax.random.randint(k_eps, (), 0, scales.shape[0])
     mechanism = config.mechanism if config.calibration == "paper" else "gaussian"
-    gw, gb, _ = protected_layer(
-        victim, variables, image[None], label[None], k_noise, calibration=config.calibration,
-        mechanism=mechanism, clip=config.clip, noise_scale=scales[i], layer=config.layer,
-    )
+    # The client of the capture, replayed: one FedSGD step whose DP noise scale is drawn per image.
+    step = functools.partial(protect_update, calibration=config.calibration, mechanism=mechanism,
+                             clip=config.clip, noise_scale=scales[i])
+    update = local_update(victim, variables, image[None], label[None], k_noise, protocol=FEDSGD,
+                          step=step).update
+    dense = victim.layers[config.layer].select(update)
+    gw, gb = dense["kernel"].T, dense["bias"]
     if config.features == "fgla":
         fshape = victim.layers[config.layer].feature_shape
         feats = fgla_features(gw, gb, infer_label(gb)).reshape(fshape)
@@ -151,19 +156,35 @@ def _one_triplet(
     )
 
 
+def _triplets_at(one, variables: PyTree, key: PRNGKeyArray, images, labels, index) -> Triplets:
+    """Triplets of ``images [B]``; image ``b`` draws from ``fold_in(key, index[b])``."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(index)
+    return jax.vmap(one, in_axes=(None, 0, 0, 0))(variables, images, labels, keys)
+
+
+@functools.lru_cache(maxsize=16)
+def _indexed_triplet_fn(victim, config: TripletConfig, spe_config: SPEConfig):
+    """A jitted ``(variables, key, images [B,H,W,C], labels [B], index [B]) -> Triplets``.
+
+    The per-epsilon noise table is computed once here (the DP-SGD accountant runs
+    on the host, never inside ``jit``).
+    """
+    table = _noise_table(config)
+    one = functools.partial(_one_triplet, victim, config=config, spe_config=spe_config, table=table)
+    return jax.jit(functools.partial(_triplets_at, one))
+
+
 @functools.lru_cache(maxsize=16)
 def make_triplet_fn(victim, config: TripletConfig, spe_config: SPEConfig = SPEConfig()):
     """A jitted ``(variables, images [B,H,W,C], labels [B], key) -> Triplets``.
 
     Image ``b`` uses ``fold_in(key, b)``; the per-epsilon noise table is computed
-    once here (the DP-SGD accountant runs on the host, never inside ``jit``).
+    once (the DP-SGD accountant runs on the host, never inside ``jit``).
     """
-    table = _noise_table(config)
-    one = functools.partial(_one_triplet, victim, config=config, spe_config=spe_config, table=table)
+    indexed = _indexed_triplet_fn(victim, config, spe_config)
 
     def batch(variables, images, labels, key):
-        keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(images.shape[0]))
-        return jax.vmap(one, in_axes=(None, 0, 0, 0))(variables, images, labels, keys)
+        return indexed(variables, key, images, labels, jnp.arange(images.shape[0]))
 
     return jax.jit(batch)
 
@@ -177,21 +198,53 @@ def make_triplets(
     *,
     config: TripletConfig = TripletConfig(),
     spe_config: SPEConfig = SPEConfig(),
+    chunk_size: int | None = None,
+    progress: str | None = None,
 ) -> Triplets:
-    """Training triplets for a batch of auxiliary images (see :func:`make_triplet_fn`).
+    """Training triplets for a set of auxiliary images (see :func:`make_triplet_fn`).
+
+    Image ``i`` of the set draws from ``fold_in(key, i)`` whatever ``chunk_size``,
+    so the chunk size changes no random draw (float results may differ in the
+    last bits: docs/pitfalls.md, "The batching edge").
+
+    Args:
+      victim: the victim model.
+      variables: its variables.
+      images: ``[B, H, W, C]`` auxiliary images in [0, 1].
+      labels: ``[B]`` their labels.
+      key: base PRNG key.
+      config: how the triplets are made.
+      spe_config: SPE settings.
+      chunk_size: images per compiled call (:func:`jaxleak._batching.map_chunked`;
+        the last chunk is padded); ``None`` makes all of them in one call.
+      progress: description of a tqdm bar over images; ``None`` shows none.
+
+    Returns:
+      :class:`Triplets`: device arrays when made in one call, NumPy arrays when chunked.
 
     Raises:
-      ValueError: on badly shaped inputs or an unknown layer.
+      ValueError: on badly shaped inputs, an unknown layer or a ``chunk_size`` below 1.
     """
-    images = jnp.asarray(images, jnp.float32)
-    labels = jnp.asarray(labels, jnp.int32)
+    whole = chunk_size is None
+    xp = jnp if whole else np
+    images = xp.asarray(images, np.float32)
+    labels = xp.asarray(labels, np.int32)
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(victim.image_shape):
         raise ValueError(f"images must be [B, *{victim.image_shape}], got {images.shape}")
     if labels.shape != images.shape[:1]:
         raise ValueError(f"labels must be [B] = [{images.shape[0]}], got {labels.shape}")
     if config.layer not in victim.layers:
         raise ValueError(f"victim {victim.name} has no layer {config.layer!r}")
-    return make_triplet_fn(victim, config, spe_config)(variables, images, labels, key)
+    if not whole and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                      or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    n = images.shape[0]
+    index = np.arange(n, dtype=np.int32)
+    return map_chunked(
+        _indexed_triplet_fn(victim, config, spe_config), images, labels, index,
+        shared=(variables, key), chunk=max(n, 1) if whole else chunk_size,
+        out="device" if whole else "numpy", progress=progress,
+    )
 
 
 __all__ = ["TripletConfig", "Triplets", "make_triplet_fn", "make_triplets"]
