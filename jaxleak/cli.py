@@ -204,11 +204,28 @@ def _add_conv_impl(g) -> None:
 # --------------------------------------------------------------------------- commands
 
 
+def _fedavg_run_epoch(checkpoint: str | None):
+    """The global epoch reached by a ``jaxleak train-fedavg`` run folder (``None`` for other checkpoints)."""
+    from jaxleak.protocols.server import HISTORY_FILE
+
+    path = os.path.join(checkpoint, HISTORY_FILE) if checkpoint else None
+    if not path or not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        history = json.load(f).get("history") or [{}]
+    return history[-1].get("global_epoch")
+
+
 def cmd_capture(args) -> int:
     from jaxleak import audit
     from jaxleak.capture import check_output_path, save_capture
 
     protocol, samples = _protocol(args)
+    fl_epoch = _fedavg_run_epoch(args.checkpoint)
+    if fl_epoch is not None and args.global_epoch is None:
+        import dataclasses
+
+        protocol = dataclasses.replace(protocol, global_epoch=fl_epoch)  # weights of a `train-fedavg` run
     check_output_path(args.out, force=args.force)
     dataset = audit.load_data(args.dataset, split=args.split, n=args.n * samples, seed=args.data_seed,
                               image_size=args.image_size, data_dir=args.data_dir, download=args.download)
@@ -373,9 +390,32 @@ def _add_driver_options(p: argparse.ArgumentParser) -> None:
                         "CPU for the ConvNet) or xla; auto = patches for every conv victim.")
 
 
+def cmd_train_mjolnir(args) -> int:
+    from jaxleak import audit
+    from jaxleak.attacks.optimization.mjolnir import train_mjolnir_denoiser
+    from jaxleak.capture import load_capture
+
+    if not args.captures:
+        raise CLIError("train mjolnir needs --captures (a capture made with --keep-update): the denoiser is "
+                       "trained for its victim and weights")
+    cap = load_capture(args.captures)
+    rebuilt = audit.victim_from_capture(cap)
+    if rebuilt is None:
+        raise CLIError(f"{args.captures}: cannot rebuild the victim's weights (capture with --keep-params, or "
+                       f"keep meta.init_seed / an existing meta.checkpoint)")
+    victim, variables = rebuilt
+    summary = train_mjolnir_denoiser(victim, variables, out=args.out, overrides=_parse_overrides(args.set),
+                                     seed=args.seed, force=args.force, data_dir=args.data_dir,
+                                     download=args.download)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_train(args) -> int:
     from jaxleak import audit
 
+    if args.variant == "mjolnir":
+        return cmd_train_mjolnir(args)
     aux = audit.load_data(args.aux_dataset, split=args.aux_split, n=args.aux_n, seed=args.data_seed,
                           image_size=args.image_size, data_dir=args.data_dir, download=args.download)
     eval_data = None
@@ -403,6 +443,33 @@ def cmd_train(args) -> int:
         network=network, train=train, eval_data=eval_data, resume=args.resume,
         triplet_cache=args.triplet_cache, progress=not args.quiet)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_train_fedavg(args) -> int:
+    from jaxleak import audit
+    from jaxleak.protocols import FedAvgTraining, train_fedavg
+
+    if (args.rounds is None) == (args.epochs is None):
+        raise CLIError("give exactly one of --rounds and --epochs (global epochs: passes of the client population)")
+    if args.protocol != "fedavg":
+        raise CLIError("train-fedavg trains with FedAvg clients: pass --protocol fedavg")
+    load = dict(seed=args.data_seed, image_size=args.image_size, data_dir=args.data_dir, download=args.download)
+    train = audit.load_data(args.dataset, split=args.split, n=args.n, **load)
+    test = audit.load_data(args.dataset, split=args.eval_split, n=args.eval_size, **load)
+    protocol, samples = _protocol(args)
+    victim, variables, _ = audit.build_victim(args.model, dataset=train, width=args.width, hidden=args.hidden,
+                                              precode=args.precode, init_seed=args.init_seed)
+    defenses = _defenses(args, protocol, samples, victim.layers["head"].path) if (args.defense or args.calibration) \
+        else None
+    config = FedAvgTraining(rounds=args.rounds, epochs=args.epochs, clients_per_round=args.clients_per_round,
+                            samples=samples, protocol=protocol, server_lr=args.server_lr, seed=args.seed,
+                            eval_every=args.eval_every, num_clients=args.clients, dirichlet=args.dirichlet)
+    _, history = train_fedavg(victim, variables, train.images, train.labels, config=config,
+                              test_images=test.images, test_labels=test.labels, defenses=defenses, out=args.out,
+                              resume=args.resume, checkpoint_every=args.checkpoint_every, keep=args.keep,
+                              progress=not args.quiet)
+    print(json.dumps(history[-1]))
     return 0
 
 
@@ -504,7 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "images: victim gradient, DP noise, SPE. Writes an orbax checkpoint folder "
                                    "for `jaxleak attack VARIANT --checkpoint`. The auxiliary images must be "
                                    "disjoint from the attacked ones (another split or dataset).")
-    p.add_argument("variant", choices=("venom", "venom-diff", "fgla"))
+    p.add_argument("variant", choices=("venom", "venom-diff", "fgla", "mjolnir"),
+                   help="venom / venom-diff / fgla: a recovery network on auxiliary images; mjolnir: its "
+                        "DDPM denoiser, once, for the victim of --captures (attack with --set denoiser_path=DIR)")
     g = p.add_argument_group("auxiliary data")
     g.add_argument("--aux-dataset", default="mnist-embedded", help="dataset name or path (default %(default)s)")
     g.add_argument("--aux-split", default="train")
@@ -558,6 +627,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triplet-cache", metavar="FILE.npz", default=None,
                    help="train on one fixed triplet per auxiliary image, built once into FILE.npz (reused when "
                         "it exists and matches); default: fresh triplets every step")
+    g = p.add_argument_group("mjolnir")
+    g.add_argument("--captures", default=None, help="mjolnir: a capture (--keep-update) whose victim and "
+                                                      "weights the denoiser is trained for")
+    g.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="mjolnir: MjolnirConfig fields (architecture, DDPM, training, auxiliary data)")
+    g.add_argument("--force", action="store_true", help="mjolnir: replace an existing denoiser at --out")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -594,6 +669,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint folder to write")
     p.set_defaults(func=cmd_train_victim)
 
+    p = sub.add_parser("train-fedavg", help="FedAvg training over many simulated clients (weights per round)",
+                       description="Server-side FedAvg: each round samples --clients-per-round clients, runs "
+                                   "their local training (--protocol fedavg options), averages the updates and "
+                                   "evaluates test accuracy; checkpoints go to --out (a victim checkpoint: "
+                                   "`jaxleak capture --checkpoint OUT` captures at the last round). A global "
+                                   "epoch is one pass of the client population in expectation: "
+                                   "clients / clients-per-round rounds.")
+    _add_data_options(p, default_dataset="mnist-embedded")
+    p.set_defaults(split="train")
+    _add_victim_options(p)
+    _add_protocol_options(p)
+    p.set_defaults(protocol="fedavg")
+    g = p.add_argument_group("FedAvg training")
+    g.add_argument("--n", type=_positive_int, default=None, help="training images (default: all)")
+    g.add_argument("--data-seed", type=_nonneg_int, default=0)
+    g.add_argument("--rounds", type=_positive_int, default=None, help="server rounds")
+    g.add_argument("--epochs", type=_positive_float, default=None, help="global epochs (instead of --rounds)")
+    g.add_argument("--clients-per-round", type=_positive_int, default=10)
+    g.add_argument("--clients", type=_positive_int, default=None, help="client population (default: n / M)")
+    g.add_argument("--server-lr", type=_positive_float, default=1.0, help="1.0 = plain FedAvg")
+    g.add_argument("--dirichlet", type=_positive_float, default=None,
+                   help="non-IID label skew with this Dirichlet alpha (default: IID)")
+    g.add_argument("--eval-split", default="test")
+    g.add_argument("--eval-size", type=_positive_int, default=1000, help="test images")
+    g.add_argument("--eval-every", type=_positive_int, default=10, help="rounds between test evaluations")
+    g.add_argument("--checkpoint-every", type=_positive_int, default=None, help="default: --eval-every")
+    g.add_argument("--keep", type=_positive_int, default=2, help="checkpoints kept")
+    g.add_argument("--seed", type=_nonneg_int, default=0)
+    g.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--quiet", action="store_true")
+    _add_dp_options(p)
+    p.set_defaults(func=cmd_train_fedavg)
+
     p = sub.add_parser("models", help="list victim models")
     p.set_defaults(func=cmd_list, what="models")
     p = sub.add_parser("datasets", help="list known dataset names")
@@ -612,9 +721,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CLIError, ValueError, OSError, KeyError) as e:
         if args.debug or os.environ.get("JAXLEAK_DEBUG"):
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = _one_line(e)
         print(f"jaxleak {args.command}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+
+
+# The library's hints name Python arguments; on the command line they are flags.
+_CLI_WORDS = (("pass data_dir=... or set $JAXLEAK_DATA_DIR", "pass --data-dir DIR or set $JAXLEAK_DATA_DIR"),
+              ("no data_dir argument", "no --data-dir"), ("pass download=True", "pass --download"),
+              ("download=True", "--download"), ("data_dir=", "--data-dir "))
+
+
+def _one_line(error: BaseException) -> str:
+    """The error as one line; a missing dataset keeps its whole "how to fix" hint, in CLI words."""
+    from jaxleak.data import DatasetNotFoundError
+
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    if not isinstance(error, DatasetNotFoundError):
+        return text.splitlines()[0]
+    for python, cli in _CLI_WORDS:
+        text = text.replace(python, cli)
+    lines = [line.strip().lstrip("- ").strip() for line in text.splitlines() if line.strip()]
+    return " ".join(f"{line}" if line.endswith(":") or i == 0 else f"{line};" for i, line in enumerate(lines)
+                    ).rstrip(";")
 
 
 if __name__ == "__main__":

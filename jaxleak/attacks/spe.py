@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxleak._batching import map_chunked, take_rows
+from jaxleak._batching import map_chunked
 from jaxleak.attacks.wavelet import max_level, wavedec2, waverec2
 
 # Median absolute deviation of a standard normal: sigma = MAD / 0.6745.
@@ -509,14 +509,6 @@ def spe_batch(
 
 # -------------------------------------------------------------- validation
 
-
-def _pad_rows(a, size: int):
-    """Pads axis 0 to ``size`` with copies of the last row.
-
-    Kept only for ``jaxleak.attacks.venom.train`` until its triplet cache moves to
-    :func:`jaxleak._batching.map_chunked`; new code calls that.
-    """
-    return take_rows(a, 0, size)
 
 
 def _cast(a, dtype: np.dtype):

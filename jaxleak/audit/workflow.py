@@ -126,9 +126,9 @@ def _layer_input_fn(victim, layer: str):
 
 def layer_inputs(victim, variables, images: np.ndarray, layer: str = "head", batch: int = 512) -> np.ndarray:
     """The true input ``[N, d]`` of ``layer`` for ``images`` (what SPE tries to recover)."""
-    fn = _layer_input_fn(victim, layer)
-    out = [np.asarray(fn(variables, images[i:i + batch])) for i in range(0, len(images), batch)]
-    return np.concatenate(out)
+    from jaxleak._batching import map_chunked
+
+    return map_chunked(_layer_input_fn(victim, layer), images, shared=(variables,), chunk=batch)
 
 
 def bench_capture(victim, variables, *, batch: int = 1024, repeats: int = 10, protocol=None, samples: int = 1,

@@ -397,8 +397,8 @@ def _check_protocol(p: Any, fail) -> tuple[int, int, int, int]:
         fail(f"meta.protocol.optimizer must be a string or null, got {_show(p['optimizer'])}")
     if p["lr"] is not None and not _is_number(p["lr"]):
         fail(f"meta.protocol.lr must be a number or null, got {_show(p['lr'])}")
-    if p.get("global_epoch") is not None and not _is_int(p["global_epoch"]):
-        fail("meta.protocol.global_epoch must be an integer or null, "
+    if p.get("global_epoch") is not None and not (_is_number(p["global_epoch"]) and p["global_epoch"] >= 0):
+        fail("meta.protocol.global_epoch must be a number >= 0 or null, "
              f"got {_show(p['global_epoch'])}")
     e, s, b, m = (int(p[k]) for k in ("local_epochs", "local_steps", "local_batch", "samples"))
     if b > m:

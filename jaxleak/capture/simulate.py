@@ -3,9 +3,9 @@
 The math of one client is :func:`jaxleak.protocols.client_update`; here a single
 jitted ``vmap`` runs a chunk of clients at once and :func:`capture_updates` walks
 the chunks on the host. Client ``i`` uses the key ``fold_in(PRNGKey(seed), i)``,
-so its update does not depend on the chunk size (up to float rounding, see
-docs/pitfalls.md) and the same seed and chunk size give the same capture bit for
-bit on one machine.
+so ``chunk_size`` changes no random draw: results agree across chunk sizes to
+float32 rounding (XLA compiles one program per chunk shape; docs/pitfalls.md), and
+the same seed and chunk size give the same capture bit for bit on one machine.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PyTree
 
+from jaxleak._batching import map_chunked
 from jaxleak._version import __version__
 from jaxleak.capture.io import Capture, flatten_tree
 from jaxleak.defenses import Chain, chain, dp_from_config
@@ -27,11 +28,20 @@ from jaxleak.protocols import FEDSGD, Protocol, client_update
 
 
 def per_example_grads(
-    victim, variables: PyTree, images: Float[Array, "b h w c"], labels: Int[Array, " b"]
+    victim, variables: PyTree, images: Float[Array, "b h w c"], labels: Int[Array, " b"], key=None
 ) -> PyTree:
-    """Gradients of the loss of each example w.r.t. the victim's parameters, ``[B, ...]`` leaves."""
+    """Gradients of the loss of each example w.r.t. the victim's parameters, ``[B, ...]`` leaves.
+
+    A stochastic victim (PRECODE) needs ``key``; example ``i`` samples with ``fold_in(key, i)``.
+    """
     params = variables["params"]
     batch_stats = variables.get("batch_stats")
+    if getattr(victim, "stochastic", False):
+        if key is None:
+            raise ValueError(f"{victim.name} samples inside its loss (PRECODE): pass a key")
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(images.shape[0]))
+        grad_key = jax.grad(lambda p, x, y, k: victim.loss(p, batch_stats, x, y, k))
+        return jax.vmap(grad_key, in_axes=(None, 0, 0, 0))(params, images, labels, keys)
     grad_one = jax.grad(lambda p, x, y: victim.loss(p, batch_stats, x, y))
     return jax.vmap(grad_one, in_axes=(None, 0, 0))(params, images, labels)
 
@@ -45,7 +55,7 @@ def _compiled_chunk(victim, protocol: Protocol, defenses: Chain, layer: str, kee
         update = result.update if keep_update else {"__head__": dense.select(result.update)}
         return update, result.schedule, result.finite
 
-    def chunk(variables, images, labels, seed, client_ids):
+    def chunk(variables, seed, images, labels, client_ids):
         base = jax.random.PRNGKey(seed)
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(client_ids)
         return jax.vmap(one, in_axes=(None, 0, 0, 0))(variables, images, labels, keys)
@@ -192,31 +202,15 @@ def capture_updates(
     x = (images_u8.astype(np.float32) / 255.0).reshape(n_clients, m, *images.shape[1:])
     y = labels.astype(np.int32).reshape(n_clients, m)
 
-    chunk = min(chunk_size, n_clients)
     fn = _compiled_chunk(victim, protocol, defenses, layer, keep_update)
-    updates, schedules = [], []
-    bar = _progress(n_clients, progress, "capture")
-    for start in range(0, n_clients, chunk):
-        stop = min(start + chunk, n_clients)
-        pad = chunk - (stop - start)
-        ids = np.arange(start, start + chunk, dtype=np.uint32)
-        xs, ys = x[start:stop], y[start:stop]
-        if pad:  # pad the last chunk so the compiled shape never changes
-            xs = np.concatenate([xs, np.repeat(xs[-1:], pad, 0)])
-            ys = np.concatenate([ys, np.repeat(ys[-1:], pad, 0)])
-        upd, sched, finite = fn(variables, xs, ys, seed, ids)
-        keep = stop - start
-        bad = np.flatnonzero(~np.asarray(finite[:keep]))
-        if bad.size:
-            raise ValueError(f"client {start + int(bad[0])} (images {(start + int(bad[0])) * m}.."
-                             f"{(start + int(bad[0]) + 1) * m - 1}) produced a NaN or inf gradient or update "
-                             f"({bad.size} such client(s) in this chunk); check its images and the weights")
-        updates.append(jax.tree_util.tree_map(lambda a, k=keep: np.asarray(a[:k]), upd))
-        schedules.append(np.asarray(sched[:keep]))
-        bar.update(keep)
-    bar.close()
-
-    update = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *updates)
+    update, schedule, finite = map_chunked(fn, x, y, np.arange(n_clients, dtype=np.uint32),
+                                           shared=(variables, seed), chunk=min(chunk_size, n_clients),
+                                           progress="capture" if progress else None)
+    bad = np.flatnonzero(~np.asarray(finite))
+    if bad.size:
+        first = int(bad[0])
+        raise ValueError(f"client {first} (images {first * m}..{(first + 1) * m - 1}) produced a NaN or inf "
+                         f"gradient or update ({bad.size} such client(s)); check its images and the weights")
     if not keep_update:
         update = {"/".join(dense.path): update["__head__"]}
     flat_update = flatten_tree(update)
@@ -250,14 +244,9 @@ def capture_updates(
         params=params,
         truth_images=images_u8.reshape(n_clients, m, *images.shape[1:]),
         truth_labels=y,
-        schedule=np.concatenate(schedules).astype(np.int32),
+        schedule=np.asarray(schedule, np.int32),
     )
 
-
-def _progress(total: int, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="client", disable=not enabled, leave=False)
 
 
 def time_capture(
@@ -289,12 +278,12 @@ def time_capture(
     ids = jnp.arange(batch, dtype=jnp.uint32)
     variables = jax.device_put(variables)
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(variables, x, y, seed, ids))
+    jax.block_until_ready(fn(variables, seed, x, y, ids))
     compile_s = time.perf_counter() - t0
     times = []
     for r in range(repeats):
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(variables, x, y, seed + r + 1, ids))
+        jax.block_until_ready(fn(variables, seed + r + 1, x, y, ids))
         times.append(time.perf_counter() - t0)
     med = float(np.median(times))
     return {

@@ -58,14 +58,14 @@ def _check_data(
 
 
 def _batch_loss(
-    victim: Victim, params: PyTree, batch_stats: PyTree, images: jax.Array, labels: jax.Array
+    victim: Victim, params: PyTree, batch_stats: PyTree, images: jax.Array, labels: jax.Array, key: jax.Array
 ) -> tuple[jax.Array, PyTree]:
     variables = {"params": params}
     if victim.has_batch_stats:
         variables["batch_stats"] = batch_stats
-    logits, new_batch_stats = victim.apply(variables, images, train=True)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, new_batch_stats
+    # PRECODE samples its bottleneck from the step's key and adds its KL term.
+    return victim.batch_loss(variables, images, labels, train=True,
+                             key=key if victim.stochastic else None)
 
 
 def _batch_order(num_examples: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
@@ -143,10 +143,10 @@ def train_victim(
     # The data are arguments, not closure constants, so large sets are not baked into the program.
     @jax.jit
     def step(
-        state: _TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array
+        state: _TrainState, images: jax.Array, labels: jax.Array, indices: jax.Array, key: jax.Array
     ) -> tuple[_TrainState, jax.Array]:
         (loss, batch_stats), grads = jax.value_and_grad(
-            lambda p: _batch_loss(victim, p, state.batch_stats, images[indices], labels[indices]),
+            lambda p: _batch_loss(victim, p, state.batch_stats, images[indices], labels[indices], key),
             has_aux=True,
         )(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -159,7 +159,7 @@ def train_victim(
 
         bar = tqdm(total=steps, desc=f"train {victim.name}", unit="step")
     for i, indices in enumerate(order):
-        state, loss = step(state, images, labels, jnp.asarray(indices))
+        state, loss = step(state, images, labels, jnp.asarray(indices), jax.random.fold_in(init_key, i + 1))
         if bar is not None:
             bar.update(1)
             if (

@@ -46,7 +46,7 @@ class Protocol:
     local_batch: int | None = None
     optimizer: str = "adam"
     lr: float = 0.1
-    global_epoch: int | None = None
+    global_epoch: float | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

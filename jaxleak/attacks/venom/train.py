@@ -35,9 +35,9 @@ import optax
 from jaxtyping import Array, Float, Int, PyTree
 
 from jaxleak import artifacts
-from jaxleak.attacks.spe import SPEConfig, _pad_rows
+from jaxleak.attacks.spe import SPEConfig
 from jaxleak.attacks.venom.network import VARIANTS, RecoveryNetConfig, make_recovery_net
-from jaxleak.attacks.venom.triplets import TripletConfig, Triplets, make_triplet_fn
+from jaxleak.attacks.venom.triplets import TripletConfig, Triplets, make_triplet_fn, make_triplets
 
 LOSSES: tuple[str, ...] = ("mse", "mse+cos")
 
@@ -432,7 +432,7 @@ def _save(checkpoints: artifacts.StepCheckpoints, state: TrainState, history: di
 
 # --------------------------------------------------------------------------- triplet cache
 
-_CACHE_FORMAT = "jaxleak-triplet-cache-v1"
+_CACHE_FORMAT = "jaxleak-triplet-cache-v2"
 
 
 def _images_digest(images: np.ndarray, labels: np.ndarray) -> str:
@@ -467,24 +467,13 @@ def build_triplet_cache(
 ) -> Triplets:
     """One triplet per auxiliary image (Algorithm 1 done once, as the reference code does).
 
-    Chunk ``c`` uses ``fold_in(key, c)``; the last chunk is padded so one
-    compilation serves every chunk. Returns host (NumPy) arrays.
+    Image ``i`` draws from ``fold_in(key, i)`` whatever the chunk size (one compiled
+    shape for every chunk). Returns host (NumPy) arrays.
     """
-    triplet_fn = make_triplet_fn(victim, triplet_config, spe_config)
-    n = images.shape[0]
-    size = min(int(chunk_size), n)
-    parts = []
-    starts = range(0, n, size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="triplet cache", unit="chunk")
-    for c, start in enumerate(starts):
-        stop = min(start + size, n)
-        x, y = _pad_rows(images[start:stop], size), _pad_rows(labels[start:stop], size)
-        out = triplet_fn(victim_variables, jnp.asarray(x), jnp.asarray(y), jax.random.fold_in(key, c))
-        parts.append(jax.tree_util.tree_map(lambda a, k=stop - start: np.asarray(a)[:k], out))
-    return Triplets(*(np.concatenate(f) for f in zip(*parts)))
+    triplets = make_triplets(victim, victim_variables, images, labels, key, config=triplet_config,
+                             spe_config=spe_config, chunk_size=chunk_size,
+                             progress="triplet cache" if progress else None)
+    return Triplets(*(np.asarray(f) for f in triplets))
 
 
 def save_triplet_cache(path: str | Path, triplets: Triplets, description: dict[str, Any]) -> None:
