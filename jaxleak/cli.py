@@ -416,6 +416,15 @@ def cmd_train(args) -> int:
 
     if args.variant == "mjolnir":
         return cmd_train_mjolnir(args)
+    if args.resume:
+        given = [f"--{dest.replace('_', '-')}" for dest in _TRAIN_SETTINGS
+                 if getattr(args, dest) != args.parser_defaults.get(dest)]
+        if given:
+            raise CLIError(f"--resume continues with the settings stored in {args.out}; drop {', '.join(given)}")
+        summary = audit.resume_recovery(args.out, triplet_cache=args.triplet_cache, data_dir=args.data_dir,
+                                        download=args.download, progress=not args.quiet)
+        print(json.dumps(summary, indent=2))
+        return 0
     aux = audit.load_data(args.aux_dataset, split=args.aux_split, n=args.aux_n, seed=args.data_seed,
                           image_size=args.image_size, data_dir=args.data_dir, download=args.download)
     eval_data = None
@@ -435,15 +444,30 @@ def cmd_train(args) -> int:
              "eval_every": args.eval_every, "eval_size": args.eval_size,
              "checkpoint_every": args.checkpoint_every, "seed": args.seed,
              "mixed_precision": args.mixed_precision}
+    aux_request = {"name": args.aux_dataset, "split": args.aux_split, "n": args.aux_n, "seed": args.data_seed,
+                   "image_size": args.image_size}
+    eval_request = None if eval_data is None else {
+        "name": args.eval_dataset or args.aux_dataset, "split": args.eval_split or args.aux_split,
+        "n": args.eval_size, "seed": args.data_seed, "image_size": args.image_size}
     summary = audit.train_recovery(
         args.variant, aux, model=args.model, out=args.out, width=args.width, hidden=args.hidden,
         victim_checkpoint=args.victim_checkpoint, init_seed=args.init_seed, calibration=calibration,
         mechanism=args.mechanism, epsilons=tuple(epsilons), delta=args.delta, clip=args.clip,
         dp_lr=args.dp_lr, accountant=args.accountant, sigma2=args.sigma2, layer=args.layer,
         network=network, train=train, eval_data=eval_data, resume=args.resume,
-        triplet_cache=args.triplet_cache, progress=not args.quiet)
+        triplet_cache=args.triplet_cache, aux_request=aux_request, eval_request=eval_request,
+        progress=not args.quiet)
     print(json.dumps(summary, indent=2))
     return 0
+
+
+# What a recovery-network run is made of; on --resume they come from the run's folder.
+_TRAIN_SETTINGS = ("aux_dataset", "aux_split", "aux_n", "eval_dataset", "eval_split", "data_seed", "image_size",
+                   "model", "width", "hidden", "victim_checkpoint", "init_seed", "calibration", "mechanism",
+                   "epsilon", "delta", "clip", "dp_lr", "accountant", "sigma2", "layer", "base_width",
+                   "multipliers", "resnet_blocks", "groups", "time_dim", "attention_heads", "attention_head_dim",
+                   "loss", "lr", "max_lr", "weight_decay", "steps", "batch_size", "eval_every", "eval_size",
+                   "checkpoint_every", "seed", "mixed_precision")
 
 
 def cmd_train_fedavg(args) -> int:
@@ -635,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="mjolnir: replace an existing denoiser at --out")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
+    p.set_defaults(parser_defaults={a.dest: a.default for a in p._actions})  # what --resume must not change
 
     _add_attack_parsers(sub)
     p = sub.add_parser("attacks", help="list the registered attacks and what each needs from a capture")

@@ -166,6 +166,7 @@ def train_recovery(variant: str, aux, *, model: str, out: str, width: int | None
                    layer: str = "head", network: dict[str, Any] | None = None,
                    train: dict[str, Any] | None = None, eval_data=None, resume: bool = False,
                    triplet_cache: str | None = None, spe: dict[str, Any] | None = None,
+                   aux_request: dict[str, Any] | None = None, eval_request: dict[str, Any] | None = None,
                    progress: bool = True) -> dict[str, Any]:
     """Trains a Venom recovery network on the auxiliary dataset ``aux`` into ``out``.
 
@@ -186,6 +187,9 @@ def train_recovery(variant: str, aux, *, model: str, out: str, width: int | None
         image, built once there (or reused); ``None``: fresh triplets every step.
       spe: :class:`SPEConfig` fields for the triplets (stored in the checkpoint;
         attacks with the network use the same SPE settings).
+      aux_request, eval_request: how ``aux`` / ``eval_data`` were loaded (the arguments of
+        :func:`load_data`: name, split, n, seed, image_size), stored so that
+        :func:`resume_recovery` can continue the run from its folder alone.
       progress: tqdm bar.
 
     Returns:
@@ -211,23 +215,73 @@ def train_recovery(variant: str, aux, *, model: str, out: str, width: int | None
         "victim": {**victim.metadata(), "init_seed": vmeta.get("init_seed"),
                    "checkpoint": vmeta.get("checkpoint"), "layer": layer,
                    "feature_shape": list(victim.layers[layer].feature_shape)},
-        "aux_dataset": {"name": aux.name, "split": aux.split, "source": aux.source, "n": len(aux.images)},
+        "aux_dataset": {"name": aux.name, "split": aux.split, "source": aux.source, "n": len(aux.images),
+                        "request": aux_request},
     }
     eval_images = eval_labels = None
     if eval_data is not None:
         eval_images, eval_labels = eval_data.images, eval_data.labels
-        info["eval_dataset"] = {"name": eval_data.name, "split": eval_data.split, "source": eval_data.source}
+        info["eval_dataset"] = {"name": eval_data.name, "split": eval_data.split, "source": eval_data.source,
+                                "request": eval_request}
     result = train_recovery_net(net_config, victim, variables, aux.images, aux.labels, config=train_config,
                                 triplet_config=triplet_config, spe_config=SPEConfig(**(spe or {})),
                                 eval_images=eval_images,
                                 eval_labels=eval_labels, out_dir=out, resume=resume, info=info,
                                 triplet_cache=triplet_cache, progress=progress)
+    return _recovery_summary(out, variant, result, info["aux_dataset"])
+
+
+def _recovery_summary(out: str, variant: str, result, aux_dataset: dict[str, Any]) -> dict[str, Any]:
     h = result.history
     return {"checkpoint": os.path.abspath(out), "variant": variant, "step": result.step,
             "final_loss": h["loss"][-1] if h["loss"] else None,
             "eval_psnr": h["eval_psnr"][-1] if h["eval_psnr"] else None,
             "eval_ssim": h["eval_ssim"][-1] if h["eval_ssim"] else None,
-            "aux_dataset": info["aux_dataset"]}
+            "aux_dataset": aux_dataset}
+
+
+def _load_requested(request: dict[str, Any], *, data_dir: str | None, download: bool):
+    size = request.get("image_size")
+    return load_data(request["name"], split=request["split"], n=request.get("n"), seed=request.get("seed", 0),
+                     image_size=tuple(size) if isinstance(size, list) else size, data_dir=data_dir,
+                     download=download)
+
+
+def resume_recovery(out: str, *, triplet_cache: str | None = None, data_dir: str | None = None,
+                    download: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Continues a recovery-network run from its folder alone (``jaxleak train VARIANT --resume``).
+
+    The network, training, triplet and SPE settings, the victim and the auxiliary (and held-out)
+    data are read from ``out``'s stored config; nothing needs repeating.
+
+    Raises:
+      ArtifactError: ``out`` does not exist or holds no recovery network.
+      ValueError: the run does not record how its data was loaded (started by an older version).
+    """
+    from jaxleak.attacks.venom.train import read_run_settings, train_recovery_net
+
+    settings = read_run_settings(out)
+    info = settings.info
+    request = (info.get("aux_dataset") or {}).get("request")
+    if not request:
+        raise ValueError(f"{out} does not record how its auxiliary data was loaded; resume it with the flags "
+                         f"it was started with")
+    aux = _load_requested(request, data_dir=data_dir, download=download)
+    eval_images = eval_labels = None
+    eval_request = (info.get("eval_dataset") or {}).get("request")
+    if eval_request:
+        held_out = _load_requested(eval_request, data_dir=data_dir, download=download)
+        eval_images, eval_labels = held_out.images, held_out.labels
+    v = info["victim"]
+    opts = dict(v.get("options") or {})
+    victim, variables, _ = build_victim(v["model"], image_shape=v["image_shape"], num_classes=v["num_classes"],
+                                        width=opts.get("width"), hidden=opts.get("hidden"),
+                                        precode=opts.get("precode"), checkpoint=v.get("checkpoint"),
+                                        init_seed=v.get("init_seed") or 0)
+    result = train_recovery_net(None, victim, variables, aux.images, aux.labels, eval_images=eval_images,
+                                eval_labels=eval_labels, out_dir=out, resume=True, triplet_cache=triplet_cache,
+                                progress=progress)
+    return _recovery_summary(out, settings.net_config.variant, result, info["aux_dataset"])
 
 
 __all__ = [
@@ -238,6 +292,7 @@ __all__ = [
     "load_data",
     "make_victim",
     "train_and_save_victim",
+    "resume_recovery",
     "train_recovery",
     "victim_from_capture",
 ]
