@@ -67,10 +67,16 @@ def _compiled_chunk(victim, protocol: Protocol, defenses: Chain, layer: str, kee
 _CAPTURE_PATCHES_MEASURED = ("lenet-dlg", "lenet-venom")
 
 
-def capture_conv_impl(victim, calibration: str, *, keep_update: bool = False, conv_impl: str = "auto") -> str:
+def capture_conv_impl(victim, calibration: str, *, keep_update: bool = False, conv_impl: str = "auto",
+                      protocol: Protocol | None = None) -> str:
     """Convolution implementation for a capture step (``"auto"`` decides by workload).
 
-    Per-example convolution *weight* gradients are only computed when they
+    FedAvg clients train in a ``lax.scan`` of local steps, where XLA:CPU's convolution is
+    ~20x slower than im2col ``"patches"`` for convnet-sme (1.9-2.3 s vs 0.08 s per client,
+    experiments/capture_bench/README.md), as the optimisation attacks found for their loops:
+    ``"patches"`` there on CPU, for every victim that has it.
+
+    FedSGD: per-example convolution *weight* gradients are only computed when they
     matter: under ``dpsgd`` (whole-gradient clipping) or when the whole update
     is kept. On GPUs those are 3-5x faster as im2col ``"patches"``, while the
     forward-only work of the other cases is faster with XLA's convolution
@@ -79,7 +85,10 @@ def capture_conv_impl(victim, calibration: str, *, keep_update: bool = False, co
     """
     if conv_impl != "auto":
         return conv_impl
-    if victim.name not in _CAPTURE_PATCHES_MEASURED or jax.default_backend() == "cpu":
+    cpu = jax.default_backend() == "cpu"
+    if protocol is not None and protocol.kind == "fedavg" and cpu:
+        return "xla" if victim.conv_impl is None else "patches"
+    if victim.name not in _CAPTURE_PATCHES_MEASURED or cpu:
         return "xla"
     return "patches" if (calibration == "dpsgd" or keep_update) else "xla"
 
@@ -196,7 +205,7 @@ def capture_updates(
     dp_meta = defenses.dp
     calibration = "none" if dp_meta is None else dp_meta.get("calibration", "none")
     victim = victim.with_conv_impl(
-        capture_conv_impl(victim, calibration, keep_update=keep_update, conv_impl=conv_impl))
+        capture_conv_impl(victim, calibration, keep_update=keep_update, conv_impl=conv_impl, protocol=protocol))
     n_clients = images.shape[0] // m
     images_u8 = quantize_images(images)
     x = (images_u8.astype(np.float32) / 255.0).reshape(n_clients, m, *images.shape[1:])
@@ -270,7 +279,7 @@ def time_capture(
     layer_path = victim.layers["head"].path
     defenses = resolve_defenses(dp, defenses, samples=samples, protocol=protocol, layer_path=layer_path)
     calibration = "none" if defenses.dp is None else defenses.dp.get("calibration", "none")
-    victim = victim.with_conv_impl(capture_conv_impl(victim, calibration, conv_impl=conv_impl))
+    victim = victim.with_conv_impl(capture_conv_impl(victim, calibration, conv_impl=conv_impl, protocol=protocol))
     fn = _compiled_chunk(victim, protocol, defenses, "head", False)
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.random((batch, samples, *victim.image_shape), dtype=np.float32))
