@@ -237,7 +237,8 @@ def cmd_capture(args) -> int:
     defenses = _defenses(args, protocol, samples, victim.layers[args.layer].path)
     cap = audit.capture(
         victim, variables, dataset, defenses=defenses, protocol=protocol, samples=samples, seed=args.seed,
-        layer=args.layer, chunk_size=args.chunk_size, keep_update=args.keep_update,
+        layer=args.layer, chunk_size=args.chunk_size or (8 if protocol.kind == "fedavg" else 256),
+        keep_update=args.keep_update,
         keep_params=args.keep_params, extra_meta=vmeta, progress=not args.quiet, conv_impl=args.conv_impl)
     save_capture(args.out, cap, compress=args.compress, force=args.force)
     m = cap.meta
@@ -578,7 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default="head", help="dense layer to record: head, or first (mlp)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="noise seed")
     p.add_argument("--data-seed", type=_nonneg_int, default=0, help="seed of the image subset")
-    p.add_argument("--chunk-size", type=_positive_int, default=256, help="clients per compiled call")
+    p.add_argument("--chunk-size", type=_positive_int, default=None,
+                   help="clients per compiled call (default 256 for fedsgd; 8 for fedavg, fastest on a CPU in "
+                        "BENCHMARKS.md: larger chunks only add memory traffic there)")
     p.add_argument("--keep-update", action="store_true", help="also store the whole protected update")
     p.add_argument("--keep-params", action="store_true", help="also store the victim's parameters")
     p.add_argument("--compress", action="store_true", help="write a compressed .npz")
