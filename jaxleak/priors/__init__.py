@@ -1,0 +1,50 @@
+"""Flow-matching image priors: a UNet velocity field ``v(x, t)``, its training, sampling, loading.
+
+The flow-matching attack regularises its inversion with ``||v(x, t)||^2`` of a
+prior trained on images unrelated to the victim's (NOTES.md section 4). Train one
+with :func:`train_flow_prior`, draw images with :func:`sample`, evaluate the
+regulariser with :func:`velocity_norm`, and reload a run with :func:`load_prior`.
+"""
+
+from jaxleak.priors.flow import (
+    KIND,
+    METHODS,
+    Prior,
+    TrainConfig,
+    TrainResult,
+    TrainState,
+    ema_update,
+    flow_loss,
+    integrate,
+    load_prior,
+    make_train_step,
+    read_run_config,
+    sample,
+    train_flow_prior,
+    velocity_norm,
+)
+from jaxleak.priors.unet import PRESETS, UNet, UNetConfig, count_params, init_params, preset
+
+__all__ = [
+    "KIND",
+    "METHODS",
+    "PRESETS",
+    "Prior",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "UNet",
+    "UNetConfig",
+    "count_params",
+    "ema_update",
+    "flow_loss",
+    "init_params",
+    "integrate",
+    "load_prior",
+    "make_train_step",
+    "preset",
+    "read_run_config",
+    "sample",
+    "train_flow_prior",
+    "velocity_norm",
+]
