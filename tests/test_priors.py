@@ -18,6 +18,7 @@ from jaxleak.priors import (
     UNetConfig,
     count_params,
     ema_update,
+    export_prior,
     flow_loss,
     integrate,
     load_prior,
@@ -74,6 +75,15 @@ def test_presets_parameter_counts_and_larger_images():
         for size in (64, 128):
             assert _out_shape(preset(name, image_size=size), batch=1) == (1, size, size, 3)
     assert preset("paper", image_size=64).attention_resolutions == (16,)
+
+
+def test_bf16_compute_keeps_float32_parameters_and_output():
+    x = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32)
+    t = jax.ShapeDtypeStruct((2,), jnp.float32)
+    variables = jax.eval_shape(make_unet(TINY, jnp.bfloat16).init, jax.random.key(0), x, t)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {np.dtype("float32")}
+    out = jax.eval_shape(make_unet(TINY, jnp.bfloat16).apply, variables, x, t)
+    assert out.dtype == jnp.float32 and out.shape == (2, 8, 8, 3)
 
 
 def test_config_validation_and_json_round_trip():
@@ -194,6 +204,14 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     v = prior.apply(prior.params, jnp.zeros((2, 8, 8, 3)), jnp.full(2, 0.5))
     assert v.shape == (2, 8, 8, 3)
+
+    shipped = export_prior(out, tmp_path / "shipped", dtype="float16", extra={"note": "test"})
+    small = load_prior(shipped)
+    assert small.config == TINY and small.extra["note"] == "test" and small.extra["steps"] == 4
+    for a, b in zip(jax.tree_util.tree_leaves(small.params),
+                    jax.tree_util.tree_leaves(straight.state.ema)):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(np.float16))
 
     with pytest.raises(artifacts.ArtifactError, match="already holds a checkpoint"):
         train_flow_prior(data, config=TINY, train_config=TRAIN, out=out, progress=False)

@@ -648,28 +648,78 @@ def train_flow_prior(
 
 
 def load_prior(path: str | Path, *, ema: bool = True) -> Prior:
-    """A trained prior from its artifact folder (the latest step of a run).
+    """A trained prior from its artifact folder.
 
     Args:
-      path: a ``"prior/flow"`` folder written by :func:`train_flow_prior`.
-      ema: the EMA weights (default) or the raw optimised ones.
+      path: a ``"prior/flow"`` folder: a training run of :func:`train_flow_prior`
+        (its latest step is read) or an export of :func:`export_prior`.
+      ema: the EMA weights (default) or the raw optimised ones (runs only).
 
     Returns:
-      A :class:`Prior` (``apply`` runs float32).
+      A :class:`Prior` (float32 weights; ``apply`` runs float32).
 
     Raises:
       ArtifactError: a missing folder, another kind, or no step saved yet.
     """
     config, train_config, data = read_run_config(path)
-    loaded = artifacts.load_artifact(path, kind=KIND, target=abstract_state(config, train_config))
-    state = TrainState(*loaded.tree)
     model = make_unet(config)
 
     def apply(params, x, t):
         return model.apply({"params": params}, x, t)
 
+    if (Path(path) / artifacts.ARRAYS_DIR).is_dir():
+        loaded = artifacts.load_artifact(path, kind=KIND)
+        params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), loaded.tree["params"])
+        expected = jax.tree_util.tree_structure(abstract_params(config))
+        if jax.tree_util.tree_structure(params) != expected:
+            raise artifacts.ArtifactError(f"{path}: the stored weights do not fit its UNet config")
+        return Prior(apply, _host(params), config, {**loaded.extra, "data": data})
+    loaded = artifacts.load_artifact(path, kind=KIND, target=abstract_state(config, train_config))
+    state = TrainState(*loaded.tree)
     extra = {**loaded.extra, "data": data}
     return Prior(apply, _host(state.ema if ema else state.params), config, extra)
+
+
+def export_prior(
+    run: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    extra: dict[str, Any] | None = None,
+    force: bool = False,
+) -> Path:
+    """Saves a run's EMA weights alone, compactly, as a ``"prior/flow"`` artifact to ship.
+
+    Args:
+      run: a training run's folder.
+      out: the new artifact folder (config as the run's; :func:`load_prior` reads it).
+      dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"`` for the stored weights.
+      extra: description added to the run's (command, wall time, quality numbers).
+      force: replace an existing artifact at ``out``.
+
+    Returns:
+      The absolute ``out`` folder.
+
+    Raises:
+      ValueError: an unknown ``dtype``.
+      ArtifactError: ``run`` is no prior run, or ``out`` is occupied.
+    """
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}")
+    prior = load_prior(run)
+    info = artifacts.read_artifact(run, kind=KIND)
+    params = jax.tree_util.tree_map(lambda a: np.asarray(jnp.asarray(a, dtype)), prior.params)
+    description = {
+        **info.extra,
+        "steps": int(prior.extra.get("step", 0)),
+        "history_tail": {k: v[-100:] for k, v in (prior.extra.get("history") or {}).items()},
+        "exported_from": str(Path(run).absolute()),
+        "dtype": dtype,
+        "digest": artifacts.tree_digest(params),
+        **dict(extra or {}),
+    }
+    return artifacts.save_artifact(out, kind=KIND, config=info.config, tree={"params": params},
+                                   extra=description, force=force)
 
 
 __all__ = [
@@ -682,6 +732,7 @@ __all__ = [
     "abstract_state",
     "ema_decay_at",
     "ema_update",
+    "export_prior",
     "flow_loss",
     "init_state",
     "integrate",
