@@ -21,6 +21,7 @@ from jaxleak.priors.flow import (
     make_train_step,
     read_run_config,
     sample,
+    save_sample_grid,
     train_flow_prior,
     velocity_norm,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "preset",
     "read_run_config",
     "sample",
+    "save_sample_grid",
     "train_flow_prior",
     "velocity_norm",
 ]

@@ -497,12 +497,19 @@ def _host(tree: PyTree) -> PyTree:
     return jax.device_put(jax.device_get(tree))
 
 
-def _save_grid(path: Path, images: np.ndarray) -> None:
+def save_sample_grid(path: str | Path, images: Float[np.ndarray, "n h w c"]) -> Path:
+    """Saves images in [0, 1] as a near-square PNG grid (``ceil(sqrt(n))`` per row).
+
+    >>> import tempfile
+    >>> save_sample_grid(tempfile.mkdtemp() + "/grid.png", np.zeros((5, 8, 8, 3))).name
+    'grid.png'
+    """
     from jaxleak.report import save_image_grid
 
+    images = np.asarray(images)
     side = int(np.ceil(np.sqrt(images.shape[0])))
     rows = [images[i : i + side] for i in range(0, images.shape[0], side)]
-    save_image_grid(path, rows)
+    return save_image_grid(path, rows)
 
 
 def train_flow_prior(
@@ -613,7 +620,7 @@ def train_flow_prior(
 
     def save_samples():
         grid = sample(state.ema, config, sample_key, sample_n, sample_steps)
-        _save_grid(out / "samples" / f"step_{int(state.step):07d}.png", np.asarray(grid))
+        save_sample_grid(out / "samples" / f"step_{int(state.step):07d}.png", np.asarray(grid))
 
     from tqdm.auto import tqdm
 
@@ -743,6 +750,7 @@ __all__ = [
     "read_run_config",
     "sample",
     "sampled_flow_loss",
+    "save_sample_grid",
     "to_image_space",
     "to_model_space",
     "train_flow_prior",
