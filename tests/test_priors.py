@@ -198,7 +198,7 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert straight.history["loss"] == resumed.history["loss"]
 
     prior = load_prior(out)
-    assert prior.config == TINY and prior.extra["step"] == 4
+    assert prior.config == TINY and prior.extra["step"] == 4 and prior.extra["data"]["count"] == 8
     for a, b in zip(jax.tree_util.tree_leaves(prior.params),
                     jax.tree_util.tree_leaves(straight.state.ema)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -10,7 +10,8 @@ A training run's folder is an artifact of kind ``"prior/flow"``
 (:mod:`jaxleak.artifacts`)::
 
     out/config.json     config: {"unet": UNetConfig fields, "train": TrainConfig fields
-                        (``steps`` excepted), "data": {"n", "image_shape", "digest", ...}}
+                        (``steps`` excepted), "data": {"count", "image_shape", "digest",
+                        **info}}; extra: {"steps": the steps the run was started with}
     out/steps/<step>/   TrainState (params, ema, opt_state, step, key) + {"history", "steps"}
     out/samples/        step_<step>.png sample grids (EMA weights), when asked
 
@@ -471,8 +472,12 @@ def _train_dict(train_config: TrainConfig) -> dict[str, Any]:
 
 
 def _run_config(config, train_config, images, info) -> dict[str, Any]:
-    data = {"n": int(images.shape[0]), "image_shape": list(images.shape[1:]),
-            "digest": _digest(images), **dict(info or {})}
+    measured = {"count": int(images.shape[0]), "image_shape": list(images.shape[1:]),
+                "digest": _digest(images)}
+    clash = sorted(set(measured) & set(info or {}))
+    if clash:
+        raise ValueError(f"info must not set {clash}: they describe the images themselves")
+    data = {**measured, **dict(info or {})}
     return {"unet": config.to_dict(), "train": _train_dict(train_config), "data": data}
 
 
