@@ -335,8 +335,9 @@ def _add_attack_parsers(sub) -> None:
         a.add_argument("--captures", required=True, help="capture file (.npz)")
         a.add_argument("--out", required=True, help="output folder")
         a.add_argument("--force", action="store_true", help="replace results already in --out")
-        if "artifact" in attack.needs:
-            a.add_argument("--checkpoint", required=True, help="trained network folder from `jaxleak train`")
+        a.add_argument("--checkpoint", default=None,
+                       help="trained network folder from `jaxleak train`" if "artifact" in attack.needs
+                       else "not used: this attack has no trained network (given: an error)")
         g = a.add_argument_group(f"{name} settings (defaults: the reference setting)")
         for opt in attack.options:
             if opt.type is bool:

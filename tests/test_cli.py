@@ -121,7 +121,7 @@ def test_train_victim_then_capture_from_its_checkpoint(tmp_path, capsys):
     trained, _ = load_variables(ckpt, victim)
     np.testing.assert_array_equal(cap.params["params/head/kernel"], np.asarray(trained["params"]["head"]["kernel"]))
     code, _, err = _run(capsys, "capture", "--model", "mlp", "--hidden", "32", "--checkpoint", str(ckpt),
-                        "--n", "2", "--quiet", "--out", str(caps))
+                        "--n", "2", "--quiet", "--force", "--out", str(caps))
     assert code == 2 and "different model" in err
 
 
