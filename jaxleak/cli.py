@@ -392,14 +392,62 @@ def _add_driver_options(p: argparse.ArgumentParser) -> None:
                         "CPU for the ConvNet) or xla; auto = patches for every conv victim.")
 
 
+def cmd_train_flow_prior(args) -> int:
+    import dataclasses
+
+    from jaxleak import audit
+    from jaxleak.priors import TrainConfig, preset, read_run_config, train_flow_prior
+
+    request = {"dataset": args.dataset, "split": args.split, "n": args.n, "seed": args.data_seed,
+               "image_size": args.image_size}
+    if args.resume:
+        if not os.path.isdir(args.out):
+            raise CLIError(f"cannot resume {args.out}: it does not exist")
+        config, train_config, data_info = read_run_config(args.out)
+        train_config = dataclasses.replace(train_config, steps=args.steps)
+        defaults = {"dataset": "tinyimagenet32", "split": "train", "n": None, "seed": 0, "image_size": None}
+        clash = [k for k, v in request.items() if v != defaults[k] and v != data_info.get(k)]
+        if clash:
+            raise CLIError(f"--resume trains on the data stored in {args.out}; drop the data flag(s) for "
+                           f"{', '.join(clash)}")
+        request = {k: data_info.get(k, request[k]) for k in request}
+        size = request["image_size"]
+        request["image_size"] = tuple(size) if isinstance(size, list) else size
+    data = audit.load_data(request["dataset"], split=request["split"], n=request["n"], seed=request["seed"],
+                           image_size=request["image_size"], data_dir=args.data_dir, download=args.download)
+    if not args.resume:
+        config = preset(args.preset, image_size=data.images.shape[1], channels=data.images.shape[-1])
+        train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                                   warmup_steps=args.warmup, grad_clip=args.grad_clip, ema_decay=args.ema,
+                                   bf16=args.bf16, flip=not args.no_flip, seed=args.seed, devices=args.devices,
+                                   checkpoint_every=args.checkpoint_every)
+    result = train_flow_prior(data.images, config=config, train_config=train_config, out=args.out,
+                              resume=args.resume, info=request, progress=not args.quiet,
+                              sample_every=args.sample_every)
+    loss = result.history.get("loss") if isinstance(result.history, dict) else None
+    print(json.dumps({"out": os.path.abspath(args.out), "step": int(result.state.step),
+                      "final_loss": float(loss[-1]) if loss else None, "dataset": request}))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import jax
+
+    from jaxleak.priors import load_prior, sample, save_sample_grid
+
+    prior = load_prior(args.prior)
+    images = sample(prior.params, prior.config, jax.random.key(args.seed), args.n, steps=args.steps,
+                    method=args.method)
+    path = save_sample_grid(args.out, images)
+    print(f"wrote {path}: {args.n} samples, {args.steps} {args.method} steps from {args.prior}")
+    return 0
+
+
 def cmd_train_mjolnir(args) -> int:
     from jaxleak import audit
     from jaxleak.attacks.optimization.mjolnir import train_mjolnir_denoiser
     from jaxleak.capture import load_capture
 
-    if not args.captures:
-        raise CLIError("train mjolnir needs --captures (a capture made with --keep-update): the denoiser is "
-                       "trained for its victim and weights")
     cap = load_capture(args.captures)
     rebuilt = audit.victim_from_capture(cap)
     if rebuilt is None:
@@ -416,8 +464,6 @@ def cmd_train_mjolnir(args) -> int:
 def cmd_train(args) -> int:
     from jaxleak import audit
 
-    if args.variant == "mjolnir":
-        return cmd_train_mjolnir(args)
     if args.resume:
         given = [f"--{dest.replace('_', '-')}" for dest in _TRAIN_SETTINGS
                  if getattr(args, dest) != args.parser_defaults.get(dest)]
@@ -548,60 +594,7 @@ def cmd_list(args) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from jaxleak._version import __version__
-
-    parser = argparse.ArgumentParser(
-        prog="jaxleak",
-        description="Audit privacy in federated learning by attacking it: simulate DP-protected client "
-                    "updates, reconstruct the private images, measure what leaked.")
-    parser.add_argument("--version", action="version", version=f"jaxleak {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    p = sub.add_parser("demo", help="offline end-to-end audit on embedded MNIST digits (< 1 min on CPU)",
-                       description="Capture real digits under the paper calibration at several epsilons from "
-                                   "an mlp's first layer and a lenet-venom head, run SPE, print a table and "
-                                   "save a PNG grid.")
-    p.add_argument("--out", default="jaxleak-demo", help="output folder (default %(default)s)")
-    p.add_argument("--n", type=_positive_int, default=256, help="digits per setting (default %(default)s)")
-    p.add_argument("--epsilons", type=_positive_float, nargs="+", default=[1.0, 5.0, 10.0])
-    p.add_argument("--seed", type=_nonneg_int, default=0)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("capture", help="simulate DP-protected client updates and save what an attacker sees",
-                       description="Simulate FedSGD clients on real images, protect their updates with a DP "
-                                   "mechanism and write a capture file (.npz).")
-    _add_data_options(p)
-    _add_victim_options(p)
-    p.add_argument("--n", type=_positive_int, default=256, help="number of clients (default %(default)s)")
-    _add_protocol_options(p)
-    p.add_argument("--layer", default="head", help="dense layer to record: head, or first (mlp)")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="noise seed")
-    p.add_argument("--data-seed", type=_nonneg_int, default=0, help="seed of the image subset")
-    p.add_argument("--chunk-size", type=_positive_int, default=None,
-                   help="clients per compiled call (default 256 for fedsgd; 8 for fedavg, fastest on a CPU in "
-                        "BENCHMARKS.md: larger chunks only add memory traffic there)")
-    p.add_argument("--keep-update", action="store_true", help="also store the whole protected update")
-    p.add_argument("--keep-params", action="store_true", help="also store the victim's parameters")
-    p.add_argument("--compress", action="store_true", help="write a compressed .npz")
-    _add_conv_impl(p)
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--out", required=True, help="capture file to write (.npz)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    _add_dp_options(p)
-    p.set_defaults(func=cmd_capture)
-
-    p = sub.add_parser("train", help="train a Venom recovery network on auxiliary images",
-                       description="Train Diff-LRN (venom), its sinusoidal-embedding ablation (venom-diff) or "
-                                   "the FGLA generator (fgla) on triplets made on the fly from auxiliary "
-                                   "images: victim gradient, DP noise, SPE. Writes an orbax checkpoint folder "
-                                   "for `jaxleak attack VARIANT --checkpoint`. The auxiliary images must be "
-                                   "disjoint from the attacked ones (another split or dataset).")
-    p.add_argument("variant", choices=("venom", "venom-diff", "fgla", "mjolnir"),
-                   help="venom / venom-diff / fgla: a recovery network on auxiliary images; mjolnir: its "
-                        "DDPM denoiser, once, for the victim of --captures (attack with --set denoiser_path=DIR)")
+def _add_recovery_train_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("auxiliary data")
     g.add_argument("--aux-dataset", default="mnist-embedded", help="dataset name or path (default %(default)s)")
     g.add_argument("--aux-split", default="train")
@@ -655,15 +648,120 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triplet-cache", metavar="FILE.npz", default=None,
                    help="train on one fixed triplet per auxiliary image, built once into FILE.npz (reused when "
                         "it exists and matches); default: fresh triplets every step")
-    g = p.add_argument_group("mjolnir")
-    g.add_argument("--captures", default=None, help="mjolnir: a capture (--keep-update) whose victim and "
-                                                      "weights the denoiser is trained for")
-    g.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
-                   help="mjolnir: MjolnirConfig fields (architecture, DDPM, training, auxiliary data)")
-    g.add_argument("--force", action="store_true", help="mjolnir: replace an existing denoiser at --out")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jaxleak._version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="jaxleak",
+        description="Audit privacy in federated learning by attacking it: simulate DP-protected client "
+                    "updates, reconstruct the private images, measure what leaked.")
+    parser.add_argument("--version", action="version", version=f"jaxleak {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="offline end-to-end audit on embedded MNIST digits (< 1 min on CPU)",
+                       description="Capture real digits under the paper calibration at several epsilons from "
+                                   "an mlp's first layer and a lenet-venom head, run SPE, print a table and "
+                                   "save a PNG grid.")
+    p.add_argument("--out", default="jaxleak-demo", help="output folder (default %(default)s)")
+    p.add_argument("--n", type=_positive_int, default=256, help="digits per setting (default %(default)s)")
+    p.add_argument("--epsilons", type=_positive_float, nargs="+", default=[1.0, 5.0, 10.0])
+    p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_train)
-    p.set_defaults(parser_defaults={a.dest: a.default for a in p._actions})  # what --resume must not change
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("capture", help="simulate DP-protected client updates and save what an attacker sees",
+                       description="Simulate FedSGD clients on real images, protect their updates with a DP "
+                                   "mechanism and write a capture file (.npz).")
+    _add_data_options(p)
+    _add_victim_options(p)
+    p.add_argument("--n", type=_positive_int, default=256, help="number of clients (default %(default)s)")
+    _add_protocol_options(p)
+    p.add_argument("--layer", default="head", help="dense layer to record: head, or first (mlp)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="noise seed")
+    p.add_argument("--data-seed", type=_nonneg_int, default=0, help="seed of the image subset")
+    p.add_argument("--chunk-size", type=_positive_int, default=None,
+                   help="clients per compiled call (default 256 for fedsgd; 8 for fedavg, fastest on a CPU in "
+                        "BENCHMARKS.md: larger chunks only add memory traffic there)")
+    p.add_argument("--keep-update", action="store_true", help="also store the whole protected update")
+    p.add_argument("--keep-params", action="store_true", help="also store the victim's parameters")
+    p.add_argument("--compress", action="store_true", help="write a compressed .npz")
+    _add_conv_impl(p)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", required=True, help="capture file to write (.npz)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    _add_dp_options(p)
+    p.set_defaults(func=cmd_capture)
+
+    p = sub.add_parser("train", help="train a recovery network, Mjolnir's denoiser or a flow-matching prior",
+                       description="Train something an attack or an audit loads later (one artifact folder).")
+    tsub = p.add_subparsers(dest="variant", metavar="WHAT", required=True)
+    recovery = {"venom": "Diff-LRN (liquid time embedding, FiLM UNet)",
+                "venom-diff": "the sinusoidal-embedding ablation of Diff-LRN",
+                "fgla": "the FGLA generator (label-row features)"}
+    for variant, what in recovery.items():
+        q = tsub.add_parser(variant, help=f"{what} on auxiliary images",
+                            description=f"Train {what} on triplets made from auxiliary images (victim gradient, "
+                                        f"DP noise, SPE). Writes a folder for `jaxleak attack {variant} "
+                                        f"--checkpoint`. The auxiliary images must be disjoint from the attacked "
+                                        f"ones (another split or dataset).")
+        _add_recovery_train_options(q)
+        q.add_argument("--quiet", action="store_true")
+        q.set_defaults(func=cmd_train)
+        q.set_defaults(parser_defaults={a.dest: a.default for a in q._actions})  # what --resume must not change
+
+    q = tsub.add_parser("mjolnir", help="Mjolnir's DDPM denoiser, once, for a capture's victim",
+                        description="Train Mjolnir's denoiser for the victim and weights of --captures and save "
+                                    "it; `jaxleak attack mjolnir --set denoiser_path=DIR` loads it.")
+    q.add_argument("--captures", required=True, help="a capture (--keep-update) whose victim the denoiser is for")
+    q.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="MjolnirConfig fields (architecture, DDPM, training, auxiliary data)")
+    q.add_argument("--seed", type=_nonneg_int, default=0)
+    q.add_argument("--data-dir", default=None, help="offline dataset copies (default: $JAXLEAK_DATA_DIR)")
+    q.add_argument("--download", action="store_true", help="let tensorflow-datasets download")
+    q.add_argument("--force", action="store_true", help="replace an existing denoiser at --out")
+    q.add_argument("--out", required=True, help="denoiser folder")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=cmd_train_mjolnir)
+
+    q = tsub.add_parser("flow-prior", help="a flow-matching image prior (UNet velocity field)",
+                        description="Train a flow-matching prior v(x, t) on any dataset jaxleak loads (linear "
+                                    "path, t = 1 clean). Checkpoints are resumable; --resume continues the run "
+                                    "in --out to --steps.")
+    _add_data_options(q, default_dataset="tinyimagenet32")
+    q.set_defaults(split="train")
+    q.add_argument("--n", type=_positive_int, default=None, help="training images (default: all)")
+    q.add_argument("--data-seed", type=_nonneg_int, default=0)
+    q.add_argument("--preset", choices=("small", "paper"), default="small",
+                   help="small: ~1.1M parameters, trainable on a CPU; paper: width 64, 2 blocks, ~9M")
+    q.add_argument("--steps", type=_positive_int, required=True)
+    q.add_argument("--batch-size", type=_positive_int, default=128)
+    q.add_argument("--lr", type=_positive_float, default=2e-4)
+    q.add_argument("--warmup", type=_nonneg_int, default=5000, help="linear warm-up steps")
+    q.add_argument("--grad-clip", type=_positive_float, default=1.0)
+    q.add_argument("--ema", type=_positive_float, default=0.9999, help="EMA decay")
+    q.add_argument("--bf16", action="store_true", help="bfloat16 compute")
+    q.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    q.add_argument("--devices", type=_positive_int, default=1, help="local devices sharing each batch")
+    q.add_argument("--seed", type=_nonneg_int, default=0)
+    q.add_argument("--checkpoint-every", type=_positive_int, default=500)
+    q.add_argument("--sample-every", type=_positive_int, default=None, help="write a sample grid every N steps")
+    q.add_argument("--resume", action="store_true", help="continue the run in --out (its stored settings)")
+    q.add_argument("--out", required=True, help="run folder")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=cmd_train_flow_prior)
+
+    p = sub.add_parser("sample", help="draw images from a flow-matching prior",
+                       description="Integrate dx/dt = v(x, t) from noise (t = 0) to images (t = 1) and save a grid.")
+    p.add_argument("--prior", required=True, help="a prior folder from `jaxleak train flow-prior`")
+    p.add_argument("--n", type=_positive_int, default=64)
+    p.add_argument("--steps", type=_positive_int, default=50, help="solver steps")
+    p.add_argument("--method", choices=("euler", "heun", "midpoint"), default="euler")
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--out", required=True, help="PNG grid to write")
+    p.set_defaults(func=cmd_sample)
 
     _add_attack_parsers(sub)
     p = sub.add_parser("attacks", help="list the registered attacks and what each needs from a capture")

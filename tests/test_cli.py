@@ -19,8 +19,11 @@ def _run(capsys, *argv):
 def test_help_on_every_subcommand(capsys):
     from jaxleak.attacks import attacks
 
-    commands = ["demo", "capture", "attack", "attacks", "train", "bench", "train-victim", "models", "datasets"]
-    for cmd in [*([c] for c in commands), *(["attack", name] for name in attacks())]:
+    commands = ["demo", "capture", "attack", "attacks", "train", "bench", "train-victim", "train-fedavg", "sample",
+                "models", "datasets"]
+    trained = ("venom", "venom-diff", "fgla", "mjolnir", "flow-prior")
+    for cmd in [*([c] for c in commands), *(["attack", name] for name in attacks()),
+                *(["train", what] for what in trained)]:
         with pytest.raises(SystemExit) as e:
             main([*cmd, "--help"])
         assert e.value.code == 0

@@ -112,3 +112,21 @@ def test_train_resume_reads_its_settings_from_the_folder(tmp_path, capsys):
     assert code == 0, err
     summary = json.loads(out)
     assert summary["step"] == 2 and summary["aux_dataset"]["request"]["image_size"] == 16
+
+
+@pytest.mark.slow
+def test_train_flow_prior_resume_and_sample(tmp_path, capsys):
+    run = tmp_path / "prior"
+    common = ("--batch-size", "8", "--warmup", "1", "--checkpoint-every", "1", "--quiet", "--out", str(run))
+    code, out, err = _run(capsys, "train", "flow-prior", "--dataset", "mnist-embedded", "--image-size", "16",
+                          "--n", "32", "--steps", "2", *common)
+    assert code == 0, err and json.loads(out)["step"] == 2
+    code, _, err = _run(capsys, "train", "flow-prior", "--dataset", "cifar10", "--steps", "3", "--resume",
+                        "--quiet", "--out", str(run))
+    assert code == 2 and "drop the data flag" in err
+    code, out, err = _run(capsys, "train", "flow-prior", "--steps", "3", "--resume", "--quiet", "--out", str(run))
+    assert code == 0, err
+    assert json.loads(out)["step"] == 3 and json.loads(out)["dataset"]["image_size"] == 16
+    grid = tmp_path / "grid.png"
+    code, _, err = _run(capsys, "sample", "--prior", str(run), "--n", "4", "--steps", "2", "--out", str(grid))
+    assert code == 0 and grid.is_file(), err

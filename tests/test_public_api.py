@@ -10,7 +10,7 @@ def test_every_exported_name_resolves():
     for name in jaxleak.__all__:
         assert getattr(jaxleak, name) is not None, name
     mods = ("attacks", "attacks.venom", "attacks.registry", "audit", "capture", "data", "defenses", "models",
-            "privacy", "protocols", "metrics", "report")
+            "privacy", "priors", "protocols", "metrics", "report")
     for mod in mods:
         module = __import__(f"jaxleak.{mod}", fromlist=["__all__"])
         for name in module.__all__:
