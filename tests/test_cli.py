@@ -143,6 +143,14 @@ def test_train_venom_then_attack_end_to_end(tmp_path, capsys):
     assert summary["step"] == 2 and summary["aux_dataset"]["name"] == "mnist-embedded"
     from jaxleak.attacks.venom.train import read_checkpoint_info
 
+    # --resume continues from the folder alone: a missing folder and any setting flag are refused
+    code, _, err = _run(capsys, "train", "venom", "--out", str(tmp_path / "absent"), "--resume")
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _run(capsys, "train", "venom", "--out", str(ckpt), "--resume", "--lr", "0.1")
+    assert code == 2 and "drop --lr" in err
+    code, out, err = _run(capsys, "train", "venom", "--out", str(ckpt), "--resume", "--quiet")
+    assert code == 0, err
+    assert json.loads(out)["step"] == 2 and json.loads(out)["aux_dataset"]["request"]["image_size"] == 16
     stored = read_checkpoint_info(ckpt)
     assert stored["victim"]["model"] == "lenet-venom" and stored["victim"]["image_shape"] == [16, 16, 1]
     assert stored["triplets"]["epsilons"] == [1.0, 5.0, 10.0] and stored["train"]["loss"] == "mse+cos"

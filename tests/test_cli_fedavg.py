@@ -96,24 +96,6 @@ def test_attack_on_a_fedavg_capture_end_to_end(tmp_path, capsys):
     assert np.load(out / "reconstructions.npz")["images"].shape == (2, 2, 12, 12, 1)
 
 
-def test_train_resume_reads_its_settings_from_the_folder(tmp_path, capsys):
-    ckpt = tmp_path / "ckpt"
-    code, _, err = _run(capsys, "train", "venom", "--out", str(ckpt), "--resume")
-    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
-    tiny = ("--base-width", "8", "--multipliers", "1", "2", "--resnet-blocks", "1", "--time-dim", "8",
-            "--attention-heads", "1", "--attention-head-dim", "8")
-    code, _, err = _run(capsys, "train", "venom", "--aux-dataset", "mnist-embedded", "--aux-split", "train",
-                        "--aux-n", "24", "--image-size", "16", "--epsilon", "5", "--steps", "2", "--batch-size",
-                        "4", "--eval-size", "8", "--eval-every", "0", *tiny, "--quiet", "--out", str(ckpt))
-    assert code == 0, err
-    code, _, err = _run(capsys, "train", "venom", "--out", str(ckpt), "--resume", "--lr", "0.1")
-    assert code == 2 and "drop --lr" in err
-    code, out, err = _run(capsys, "train", "venom", "--out", str(ckpt), "--resume", "--quiet")
-    assert code == 0, err
-    summary = json.loads(out)
-    assert summary["step"] == 2 and summary["aux_dataset"]["request"]["image_size"] == 16
-
-
 @pytest.mark.slow
 def test_train_flow_prior_resume_and_sample(tmp_path, capsys):
     run = tmp_path / "prior"
