@@ -207,3 +207,13 @@ def test_train_fgla_uses_label_row_features_end_to_end(tmp_path, capsys):
     assert metrics["features"] == "fgla" and "noise_strength" not in metrics["metrics"]
     assert "FGLA label row inferred" in metrics["note"]
     assert np.load(out_dir / "reconstructions.npz")["images"].shape == (3, 16, 16, 1)
+
+
+def test_demo_runs_end_to_end_on_embedded_digits(tmp_path, capsys):
+    """The README's main job (smaller: 16 digits, one epsilon)."""
+    code, _, err = _run(capsys, "demo", "--n", "16", "--epsilons", "10", "--quiet", "--out", str(tmp_path))
+    assert code == 0, err
+    rows = json.loads((tmp_path / "summary.json").read_text())
+    rows = rows["rows"] if isinstance(rows, dict) else rows
+    assert len(rows) == 2 and (tmp_path / "grid.png").is_file()
+    assert rows[-1]["mlp PSNR"] > 20  # eps 10 paper noise: the digits come back
