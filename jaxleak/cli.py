@@ -555,7 +555,8 @@ def cmd_bench(args) -> int:
         args.model, image_shape=(args.image_size, args.image_size, args.channels), num_classes=args.num_classes,
         width=args.width, hidden=args.hidden, precode=args.precode)
     defenses = _defenses(args, protocol, samples, victim.layers["head"].path)
-    result = audit.bench_capture(victim, variables, batch=args.batch, repeats=args.repeats, protocol=protocol,
+    batch = args.batch or (8 if protocol.kind == "fedavg" else 1024)
+    result = audit.bench_capture(victim, variables, batch=batch, repeats=args.repeats, protocol=protocol,
                                  samples=samples, defenses=defenses, conv_impl=args.conv_impl)
     print(json.dumps(result))
     return 0
@@ -773,7 +774,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_positive_int, default=32)
     p.add_argument("--channels", type=_positive_int, default=3)
     p.add_argument("--num-classes", type=_positive_int, default=10)
-    p.add_argument("--batch", type=_positive_int, default=1024)
+    p.add_argument("--batch", type=_positive_int, default=None,
+                   help="clients in the timed call (default 1024 for fedsgd, 8 for fedavg: see BENCHMARKS.md)")
     p.add_argument("--repeats", type=_positive_int, default=10)
     p.add_argument("--width", type=_positive_int, default=None)
     p.add_argument("--hidden", type=_positive_int, nargs="+", default=None)
