@@ -37,7 +37,7 @@ def test_registry_lists_every_attack_with_its_needs():
         assert attack.summary and attack.name == name
         attack.config()  # the reference config builds
     assert get_attack("spe").needs == ()
-    assert set(get_attack("venom").needs) == {"single", "artifact"}
+    assert set(get_attack("venom").needs) == {"single", "fedsgd", "artifact"}
     with pytest.raises(AttackInputError, match="unknown attack 'nope'"):
         get_attack("nope")
 

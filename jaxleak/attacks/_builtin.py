@@ -236,7 +236,7 @@ for _variant, _summary in _RECOVERY_SUMMARY.items():
     register(Attack(
         name=_variant,
         summary=_summary,
-        needs=("single", "artifact"),
+        needs=("single", "fedsgd", "artifact"),  # the networks were trained on FedSGD triplets
         make_config=RecoveryConfig,
         run=_recovery(_variant),
         options=(_SIGMA2, _CHUNK, Option("--batch-size", "batch_size", int, help="captures per network call")),
