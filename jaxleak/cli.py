@@ -226,6 +226,11 @@ def cmd_capture(args) -> int:
         import dataclasses
 
         protocol = dataclasses.replace(protocol, global_epoch=fl_epoch)  # weights of a `train-fedavg` run
+    if args.defense:  # a malformed chain fails here, before any data is loaded
+        from jaxleak.defenses import parse_chain
+
+        parse_chain(args.defense, batch_size=protocol.batch(samples), steps=protocol.total_steps(samples),
+                    sampling_rate=protocol.batch(samples) / samples)
     check_output_path(args.out, force=args.force)
     dataset = audit.load_data(args.dataset, split=args.split, n=args.n * samples, seed=args.data_seed,
                               image_size=args.image_size, data_dir=args.data_dir, download=args.download)
@@ -246,7 +251,7 @@ def cmd_capture(args) -> int:
     local = "" if pr["kind"] == "fedsgd" else (f", E={pr['local_epochs']} x S={pr['local_steps']} steps of "
                                                f"B={pr['local_batch']} ({pr['optimizer']} lr {pr['lr']:g})")
     chain_text = ",".join(d["name"] for d in m["defenses"]) or "none"
-    eps = "" if m["dp"] is None else f" eps={m['epsilon']}"
+    eps = "" if m["dp"] is None else f" eps={'inf (no noise)' if m['epsilon'] is None else m['epsilon']}"
     print(f"wrote {args.out}: {cap.n} clients x M={pr['samples']} ({pr['kind']}{local}) from {m['dataset']}:"
           f"{m['dataset_split']} ({m['dataset_source']}), {m['model']} layer '{m['layer']}' "
           f"{cap.fc_weight_grad.shape[1:]}, defenses {chain_text}{eps}")
