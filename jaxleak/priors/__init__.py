@@ -4,6 +4,8 @@ The flow-matching attack regularises its inversion with ``||v(x, t)||^2`` of a
 prior trained on images unrelated to the victim's (NOTES.md section 4). Train one
 with :func:`train_flow_prior`, draw images with :func:`sample`, evaluate the
 regulariser with :func:`velocity_norm`, and reload a run with :func:`load_prior`.
+:func:`fd_alexnet` and :func:`velocity_table` measure a prior's quality (FD-AlexNet, not
+comparable to Inception FID) and the size of ``||v||^2`` on real vs noisy images.
 """
 
 from jaxleak.priors.flow import (
@@ -25,6 +27,13 @@ from jaxleak.priors.flow import (
     train_flow_prior,
     velocity_norm,
 )
+from jaxleak.priors.quality import (
+    alexnet_features,
+    fd_alexnet,
+    format_velocity_table,
+    frechet_distance,
+    velocity_table,
+)
 from jaxleak.priors.unet import PRESETS, UNet, UNetConfig, count_params, init_params, preset
 
 __all__ = [
@@ -37,10 +46,14 @@ __all__ = [
     "TrainState",
     "UNet",
     "UNetConfig",
+    "alexnet_features",
     "count_params",
     "ema_update",
     "export_prior",
+    "fd_alexnet",
     "flow_loss",
+    "format_velocity_table",
+    "frechet_distance",
     "init_params",
     "integrate",
     "load_prior",
@@ -51,4 +64,5 @@ __all__ = [
     "save_sample_grid",
     "train_flow_prior",
     "velocity_norm",
+    "velocity_table",
 ]
