@@ -524,42 +524,32 @@ def _build_mlp(
     )
 
 
-def _build_convnet_sme(
-    name: str,
-    image_shape: tuple[int, int, int],
-    num_classes: int,
-    width: int | None,
-    hidden: Any,
-    conv_impl: str = "xla",
-) -> _Built:
-    _reject_option(name, "hidden", hidden)
-    _require_multiple(name, image_shape, 4)
-    width = 64 if width is None else width
-    return _Built(
-        module=ConvNetSME(num_classes=num_classes, width=width, conv_impl=conv_impl),
-        paths={"head": ("head",), "fc": ("fc",)},
-        width=width,
-        conv_impl=conv_impl,
-    )
+def _conv_stack_builder(cls: type[nn.Module], pools: int, paths: dict[str, tuple[str, ...]]) -> _Builder:
+    """Builder of a conv net whose only option is its base ``width`` (default 64)."""
+
+    def build(
+        name: str,
+        image_shape: tuple[int, int, int],
+        num_classes: int,
+        width: int | None,
+        hidden: Any,
+        conv_impl: str = "xla",
+    ) -> _Built:
+        _reject_option(name, "hidden", hidden)
+        _require_multiple(name, image_shape, 2**pools)
+        width = 64 if width is None else width
+        return _Built(
+            module=cls(num_classes=num_classes, width=width, conv_impl=conv_impl),
+            paths=paths,
+            width=width,
+            conv_impl=conv_impl,
+        )
+
+    return build
 
 
-def _build_vgg11(
-    name: str,
-    image_shape: tuple[int, int, int],
-    num_classes: int,
-    width: int | None,
-    hidden: Any,
-    conv_impl: str = "xla",
-) -> _Built:
-    _reject_option(name, "hidden", hidden)
-    _require_multiple(name, image_shape, 2**POOLS)
-    width = 64 if width is None else width
-    return _Built(
-        module=VGG11(num_classes=num_classes, width=width, conv_impl=conv_impl),
-        paths=_HEAD_ONLY,
-        width=width,
-        conv_impl=conv_impl,
-    )
+_build_convnet_sme = _conv_stack_builder(ConvNetSME, 2, {"head": ("head",), "fc": ("fc",)})
+_build_vgg11 = _conv_stack_builder(VGG11, POOLS, _HEAD_ONLY)
 
 
 def _build_mixer(
