@@ -438,9 +438,9 @@ def cmd_train_flow_prior(args) -> int:
 def cmd_sample(args) -> int:
     import jax
 
-    from jaxleak.priors import load_prior, sample, save_sample_grid
+    from jaxleak.priors import load, sample, save_sample_grid
 
-    prior = load_prior(args.prior)
+    prior = load(args.prior)
     images = sample(prior.params, prior.config, jax.random.key(args.seed), args.n, steps=args.steps,
                     method=args.method)
     path = save_sample_grid(args.out, images)
@@ -761,7 +761,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="draw images from a flow-matching prior",
                        description="Integrate dx/dt = v(x, t) from noise (t = 0) to images (t = 1) and save a grid.")
-    p.add_argument("--prior", required=True, help="a prior folder from `jaxleak train flow-prior`")
+    p.add_argument("--prior", default="tinyimagenet32-small",
+                   help="a prior folder from `jaxleak train flow-prior` or a shipped prior's name "
+                        "(default: %(default)s, shipped with the package)")
     p.add_argument("--n", type=_positive_int, default=64)
     p.add_argument("--steps", type=_positive_int, default=50, help="solver steps")
     p.add_argument("--method", choices=("euler", "heun", "midpoint"), default="euler")

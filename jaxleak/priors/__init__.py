@@ -3,13 +3,16 @@
 The flow-matching attack regularises its inversion with ``||v(x, t)||^2`` of a
 prior trained on images unrelated to the victim's (NOTES.md section 4). Train one
 with :func:`train_flow_prior`, draw images with :func:`sample`, evaluate the
-regulariser with :func:`velocity_norm`, and reload a run with :func:`load_prior`.
+regulariser with :func:`velocity_norm`, and load a run or a shipped prior by name with
+:func:`load` (``load("tinyimagenet32-small")`` is the one the package ships).
 :func:`fd_alexnet` and :func:`velocity_table` measure a prior's quality (FD-AlexNet, not
 comparable to Inception FID) and the size of ``||v||^2`` on real vs noisy images.
 """
 
 from jaxleak.priors.flow import (
+    DEFAULT_PRIOR,
     KIND,
+    SHIPPED_DIR,
     METHODS,
     Prior,
     TrainConfig,
@@ -19,11 +22,14 @@ from jaxleak.priors.flow import (
     export_prior,
     flow_loss,
     integrate,
+    load,
     load_prior,
     make_train_step,
     read_run_config,
+    resolve_prior,
     sample,
     save_sample_grid,
+    shipped_priors,
     train_flow_prior,
     velocity_norm,
 )
@@ -37,7 +43,9 @@ from jaxleak.priors.quality import (
 from jaxleak.priors.unet import PRESETS, UNet, UNetConfig, count_params, init_params, preset
 
 __all__ = [
+    "DEFAULT_PRIOR",
     "KIND",
+    "SHIPPED_DIR",
     "METHODS",
     "PRESETS",
     "Prior",
@@ -56,12 +64,15 @@ __all__ = [
     "frechet_distance",
     "init_params",
     "integrate",
+    "load",
     "load_prior",
     "make_train_step",
     "preset",
     "read_run_config",
+    "resolve_prior",
     "sample",
     "save_sample_grid",
+    "shipped_priors",
     "train_flow_prior",
     "velocity_norm",
     "velocity_table",

@@ -692,6 +692,62 @@ def load_prior(path: str | Path, *, ema: bool = True) -> Prior:
     return Prior(apply, _host(state.ema if ema else state.params), config, extra)
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
+"""Where the package's shipped priors live (one artifact folder per name)."""
+
+DEFAULT_PRIOR = "tinyimagenet32-small"
+"""The shipped prior the flow-matching attacks use for 32x32 RGB images unless told otherwise."""
+
+
+def shipped_priors() -> list[str]:
+    """Names of the priors shipped inside the package (folders of ``SHIPPED_DIR``).
+
+    >>> DEFAULT_PRIOR in shipped_priors() or not SHIPPED_DIR.is_dir()
+    True
+    """
+    if not SHIPPED_DIR.is_dir():
+        return []
+    return sorted(d.name for d in SHIPPED_DIR.iterdir() if (d / artifacts.CONFIG_FILE).is_file())
+
+
+def resolve_prior(name_or_path: str | Path) -> Path:
+    """The artifact folder of a shipped prior's name, or ``name_or_path`` itself when it is a folder.
+
+    Raises:
+      ArtifactError: neither a shipped name nor an existing folder (one line listing the names).
+    """
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    shipped = SHIPPED_DIR / str(name_or_path)
+    if "/" not in str(name_or_path) and (shipped / artifacts.CONFIG_FILE).is_file():
+        return shipped
+    names = ", ".join(shipped_priors()) or "none installed"
+    raise artifacts.ArtifactError(f"no prior {str(name_or_path)!r}: give a folder from `jaxleak train "
+                                  f"flow-prior` or a shipped name ({names})")
+
+
+def load(name_or_path: str | Path = DEFAULT_PRIOR, *, ema: bool = True) -> Prior:
+    """A prior by shipped name (``"tinyimagenet32-small"``, no network) or by folder.
+
+    Args:
+      name_or_path: a name of :func:`shipped_priors` or a folder of :func:`train_flow_prior`
+        / :func:`export_prior`.
+      ema: for a training run, its EMA weights (default) or the raw ones.
+
+    Returns:
+      A :class:`Prior`; ``extra["source"]`` says where it came from.
+
+    Raises:
+      ArtifactError: unknown name, missing folder, or not a prior.
+    """
+    path = resolve_prior(name_or_path)
+    prior = load_prior(path, ema=ema)
+    shipped = path.resolve().parent == SHIPPED_DIR
+    source = f"shipped prior {path.name}" if shipped else str(path.resolve())
+    return prior._replace(extra={**prior.extra, "source": source, "name": path.name if shipped else None})
+
+
 def export_prior(
     run: str | Path,
     out: str | Path,
@@ -735,7 +791,9 @@ def export_prior(
 
 
 __all__ = [
+    "DEFAULT_PRIOR",
     "KIND",
+    "SHIPPED_DIR",
     "METHODS",
     "Prior",
     "TrainConfig",
@@ -749,13 +807,16 @@ __all__ = [
     "init_state",
     "integrate",
     "interpolate",
+    "load",
     "load_prior",
     "make_optimizer",
     "make_train_step",
     "read_run_config",
+    "resolve_prior",
     "sample",
     "sampled_flow_loss",
     "save_sample_grid",
+    "shipped_priors",
     "to_image_space",
     "to_model_space",
     "train_flow_prior",
