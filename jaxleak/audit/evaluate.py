@@ -2,17 +2,29 @@
 
 :func:`evaluate` turns an attack's :class:`~jaxleak.attacks.registry.AttackOutput`
 and the capture's ground truth into per-image metrics (PSNR, SSIM, MSE, LPIPS,
-label accuracy; feature cosines for feature attacks), computed once, after the
-reconstructions of a client with ``M > 1`` images are assigned to its images by
-the Hungarian algorithm.
+FMSE, TV, label accuracy; feature cosines for feature attacks), computed once,
+after the reconstructions of a client with ``M > 1`` images are assigned to its
+images by the Hungarian algorithm.
+
+FMSE follows breaching (``analysis.report``): the victim at the server weights
+``w0`` maps reconstruction and truth to logits, and the squared difference is
+averaged over the logit columns of the client's true labels (``[..., labels]``, a
+label held twice counted twice). Per image ``i`` of a client with labels ``y``:
+``fmse_i = mean_j (f(x_rec_i)[y_j] - f(x_i)[y_j])^2``, so the mean over a client's
+images is breaching's figure. Here ``f`` is :meth:`jaxleak.models.Victim.apply`
+with ``train=False`` (BatchNorm on its running statistics; PRECODE at its
+bottleneck mean, no sample), on the scored images (after matching).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Float, Int
 
 LPIPS_SMALL_RESIZE = 64
 SSIM_MIN_SIDE = 11
@@ -48,8 +60,62 @@ def lpips_metric(recon: np.ndarray, truth: np.ndarray, *, net: str = "alex", wei
         return {f"lpips_{net}": np.asarray(lpips(recon, truth, net=net, weights_dir=weights_dir,
                                                  resize=resize))}
     except FileNotFoundError as error:
-        notes.append(f"lpips not computed: {str(error).splitlines()[0]}")
+        reason = str(error).splitlines()[0].removesuffix(" Looked for:")
+        notes.append(f"lpips_{net} not computed: {reason}")
         return {}
+
+
+FMSE_CHUNK = 256
+"""Images per forward pass of the victim in :func:`fmse_metric` (inference mode: images are independent)."""
+
+
+def fmse_metric(victim, variables, recon: Float[np.ndarray, "n m h w c"], truth: Float[np.ndarray, "n m h w c"],
+                labels: Int[np.ndarray, "n m"] | None) -> Float[np.ndarray, " nm"]:
+    """Per-image FMSE ``[N * M]``: breaching's logit MSE at the server weights (see the module docstring).
+
+    Args:
+      victim: the :class:`jaxleak.models.Victim`; variables: its server weights ``w0``.
+      recon, truth: ``[N, M, H, W, C]`` matched reconstructions and true images in [0, 1].
+      labels: ``[N, M]`` true labels, whose logit columns are compared; ``None``: every
+        logit column (Inverting Gradients' ``(model(x) - model(x0)).pow(2).mean()``).
+
+    Returns:
+      ``[N * M]`` float32, client-major.
+
+    >>> import jax
+    >>> from jaxleak.models import get_victim
+    >>> victim = get_victim("mlp", image_shape=(4, 4, 1), num_classes=3, hidden=4)
+    >>> x = np.random.default_rng(0).random((1, 2, 4, 4, 1), dtype=np.float32)
+    >>> fmse_metric(victim, victim.init(jax.random.key(0)), x, x, np.array([[0, 2]])).tolist()
+    [0.0, 0.0]
+    """
+    n, m = recon.shape[:2]
+    forward = jax.jit(lambda v, images: victim.apply(v, images, train=False))
+    flat = lambda a: np.asarray(a, np.float32).reshape(n * m, *a.shape[2:])
+
+    def logits(images):
+        return np.concatenate([np.asarray(forward(variables, images[i:i + FMSE_CHUNK]))
+                               for i in range(0, len(images), FMSE_CHUNK)])
+
+    sq = np.square(logits(flat(recon)) - logits(flat(truth))).reshape(n, m, -1)
+    if labels is None:
+        return sq.mean(-1).reshape(-1).astype(np.float32)
+    columns = np.asarray(labels).reshape(n, 1, m).repeat(m, axis=1)  # [n, m(images), m(labels)]
+    return np.take_along_axis(sq, columns, axis=-1).mean(-1).reshape(-1).astype(np.float32)
+
+
+def tv_metric(images: Float[np.ndarray, "n h w c"]) -> Float[np.ndarray, " n"]:
+    """Per-image anisotropic TV of Inverting Gradients, ``mean |dx| + mean |dy|`` (pixels in [0, 1]).
+
+    The attacks' regulariser :func:`jaxleak.attacks.optimization.total_variation`, one image at a time.
+
+    >>> ramp = np.tile(np.arange(4, dtype=np.float32) / 4, (4, 1))[None, :, :, None]
+    >>> tv_metric(ramp).tolist()  # |dx| = 0.25 everywhere, dy = 0
+    [0.25]
+    """
+    from jaxleak.attacks.optimization import total_variation
+
+    return np.asarray(jax.jit(jax.vmap(total_variation))(jnp.asarray(images, jnp.float32)))
 
 
 def feature_metrics(features_raw: np.ndarray, features: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:
@@ -73,22 +139,47 @@ def match_clients(recon: np.ndarray, truth: np.ndarray, *, metric: str = "psnr")
     return np.stack([match_batch(recon[i], truth[i], metric=metric) for i in range(n)])
 
 
+LPIPS_ALSO = ("vgg",)
+"""LPIPS backbones scored besides ``lpips_net`` where their weights exist (a note otherwise)."""
+
+
 def evaluate(cap, output, *, victim=None, variables=None, lpips_net: str | None = "alex",
-             weights_dir: str | None = None, match_metric: str = "psnr") -> dict[str, Any]:
+             lpips_also: Sequence[str] = LPIPS_ALSO, weights_dir: str | None = None,
+             match_metric: str = "psnr") -> dict[str, Any]:
     """Scores an attack's output against the capture's ground truth.
+
+    Per-image metrics (``[N * M]``, client-major, after matching): ``psnr``, ``ssim``
+    (11 px and up), ``mse``, ``lpips_<net>``, ``fmse`` (see the module docstring; only with
+    a victim), ``tv`` and ``tv_truth`` (:func:`tv_metric` of reconstruction and truth),
+    ``label_correct``, the attack's per-target columns.
 
     Args:
       cap: the :class:`jaxleak.capture.Capture` (its ``truth_images``/``truth_labels``).
       output: the attack's :class:`~jaxleak.attacks.registry.AttackOutput`.
-      victim, variables: for feature attacks, the victim whose head input is compared
-        with the recovered features (``None``: no feature metrics).
-      lpips_net: LPIPS backbone (``None``: no LPIPS); weights_dir: its weights root.
+      victim, variables: the victim at the server weights ``w0``, for FMSE and, with
+        feature attacks, the head input compared with the recovered features (``None``:
+        neither, and a note says so).
+      lpips_net: LPIPS backbone (``None``: no LPIPS at all); weights_dir: its weights root.
+      lpips_also: further backbones scored where their weights exist (missing: a note).
       match_metric: what the Hungarian assignment maximises when ``M > 1``.
 
     Returns:
       ``{"images", "labels", "per_target", "metrics", "notes"}``: the reconstructions and
       labels in the order of the truth (after matching), the attack's per-target columns in
       the same order, the per-image metrics ``[N * M]`` and notes.
+
+    >>> from jaxleak.attacks.registry import AttackOutput
+    >>> from jaxleak.capture import capture_updates
+    >>> from jaxleak.models import get_victim
+    >>> victim = get_victim("mlp", image_shape=(4, 4, 1), num_classes=3, hidden=4)
+    >>> w0 = victim.init(jax.random.key(0))
+    >>> x = np.random.default_rng(0).random((2, 4, 4, 1), dtype=np.float32)
+    >>> cap = capture_updates(victim, w0, x, np.array([0, 1]))
+    >>> truth = cap.truth_images.astype(np.float32) / 255  # [N, M, H, W, C]
+    >>> out = AttackOutput(images=truth, labels=None, per_target={}, arrays={}, info={})
+    >>> result = evaluate(cap, out, victim=victim, variables=w0, lpips_net=None)
+    >>> result["metrics"]["fmse"].tolist(), bool(np.allclose(result["metrics"]["tv"], result["metrics"]["tv_truth"]))
+    ([0.0, 0.0], True)
     """
     notes: list[str] = list(output.info.get("notes", []))
     images, labels = output.images, output.labels
@@ -119,7 +210,19 @@ def evaluate(cap, output, *, victim=None, variables=None, lpips_net: str | None 
             notes.append(f"no SSIM: {cap.image_shape[0]}x{cap.image_shape[1]} images are below its "
                          f"{SSIM_MIN_SIDE}x{SSIM_MIN_SIDE} window")
         if lpips_net is not None:
-            metrics.update(lpips_metric(flat_r, flat_t, net=lpips_net, weights_dir=weights_dir, notes=notes))
+            for net in dict.fromkeys((lpips_net, *lpips_also)):
+                metrics.update(lpips_metric(flat_r, flat_t, net=net, weights_dir=weights_dir, notes=notes))
+        if victim is None or variables is None:
+            notes.append("no fmse: the run had no victim with the server weights w0")
+        elif tuple(flat_r.shape[1:]) != tuple(victim.image_shape):
+            notes.append(f"no fmse: reconstructions of shape {flat_r.shape[1:]} do not fit the victim")
+        else:
+            true_labels = None if cap.truth_labels is None else np.asarray(cap.truth_labels).reshape(n, m)
+            metrics["fmse"] = fmse_metric(victim, variables, images, truth, true_labels)
+            if true_labels is None:
+                notes.append("fmse over every logit (the capture holds no labels to pick breaching's columns)")
+        metrics["tv"] = tv_metric(flat_r)
+        metrics["tv_truth"] = tv_metric(flat_t)
     elif images is not None:
         notes.append("the capture holds no true images: no image metrics")
     if labels is not None and cap.truth_labels is not None:

@@ -2,17 +2,24 @@
 
 ``run_attack`` is the one path from a capture file to ``reconstructions.npz``
 (or SPE's ``features.npz``) and ``metrics.json`` for every attack in
-:mod:`jaxleak.attacks.registry`.
+:mod:`jaxleak.attacks.registry`. Besides the per-image metrics
+(:func:`jaxleak.audit.evaluate.evaluate`), ``metrics.json`` and the returned summary
+hold the run's ``"cost"`` (:func:`attack_cost`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+import resource
+import sys
+import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from jaxleak.audit.evaluate import LPIPS_ALSO
 
 OUTPUT_FILES = ("reconstructions.npz", "features.npz", "metrics.json")
 
@@ -51,6 +58,55 @@ def null_capture(cap, kind: str, *, seed: int = 0):
     return dataclasses.replace(cap, update={k: np.asarray(v, np.float32) for k, v in update.items()})
 
 
+def peak_memory() -> dict[str, int | None]:
+    """The process's peak device memory and peak host RSS so far, in bytes.
+
+    ``peak_device_bytes``: the largest ``memory_stats()["peak_bytes_in_use"]`` of the
+    local devices (the allocator's peak since the process started), ``None`` where the
+    backend reports none (XLA:CPU). ``peak_rss_bytes``: ``getrusage(RUSAGE_SELF).ru_maxrss``
+    (KiB on Linux, bytes on macOS), the peak resident set of the whole process since it
+    started. Both cover everything the process ran before, not one call alone.
+
+    >>> sorted(peak_memory())
+    ['peak_device_bytes', 'peak_rss_bytes']
+    """
+    import jax
+
+    peaks = [(device.memory_stats() or {}).get("peak_bytes_in_use") for device in jax.local_devices()]
+    peaks = [int(p) for p in peaks if p is not None]
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_device_bytes": max(peaks) if peaks else None,
+            "peak_rss_bytes": int(rss) * (1 if sys.platform == "darwin" else 1024)}
+
+
+def attack_cost(seconds: float, timing: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``"cost"`` entry of ``metrics.json``: what one attack run took.
+
+    Args:
+      seconds: wall time of the attack's ``run`` (compilation included, evaluation excluded).
+      timing: the attack's ``info["timing"]`` (optimisation attacks: the driver's
+        :meth:`~jaxleak.attacks.optimization.RunResult.timing`), or ``None``.
+
+    Returns:
+      ``{"attack_seconds", "flops_per_iteration", "flops_lower_bound", "peak_device_bytes",
+      "peak_rss_bytes", "backend"}``: FLOPs of one iteration of one run (one target, one
+      restart) from XLA's cost analysis (``None`` for attacks without an iteration driver
+      or a backend without the figure; ``flops_lower_bound`` when loops inside an
+      iteration were counted once); the memory peaks of :func:`peak_memory`, read right
+      after the attack.
+
+    >>> cost = attack_cost(1.5, {"flops_per_iteration": 2e6})
+    >>> cost["attack_seconds"], cost["flops_per_iteration"], cost["peak_rss_bytes"] > 0
+    (1.5, 2000000.0, True)
+    """
+    import jax
+
+    timing = timing or {}
+    return {"attack_seconds": float(seconds), "flops_per_iteration": timing.get("flops_per_iteration"),
+            "flops_lower_bound": timing.get("flops_lower_bound"), **peak_memory(),
+            "backend": jax.default_backend()}
+
+
 def _json_ready(value):
     import json
 
@@ -69,6 +125,7 @@ def run_attack(
     options: Mapping[str, Any] | None = None,
     null: str | None = None,
     lpips_net: str | None = "alex",
+    lpips_also: Sequence[str] = LPIPS_ALSO,
     weights_dir: str | None = None,
     match_metric: str = "psnr",
     force: bool = False,
@@ -87,11 +144,16 @@ def run_attack(
       null: ``None``, or ``"shuffle"`` / ``"noise"``: attack updates that carry no information
         about the targets (the floor that leakage is measured against).
       lpips_net, weights_dir: LPIPS backbone (``None``: no LPIPS) and weights root.
+      lpips_also: further LPIPS backbones scored where their weights exist (VGG by default).
       match_metric: Hungarian assignment criterion when clients hold ``M > 1`` images.
       force: replace earlier results in ``out_dir``.
 
     Returns:
-      A JSON-ready summary: what was written, metric means, timing when the attack reports it.
+      A JSON-ready summary: what was written, metric means, the run's ``"cost"``
+      (:func:`attack_cost`: wall time, FLOPs per iteration, memory peaks), timing when
+      the attack reports it. ``metrics.json`` holds the per-image metrics (``psnr``,
+      ``ssim``, ``mse``, ``lpips_alex``, ``fmse``, ``tv``, ``tv_truth``, ...: ``values``
+      and ``mean`` each), the same ``"cost"`` and the attack's ``timing``.
 
     Raises:
       AttackInputError: unknown attack or setting, or a capture lacking what the attack needs.
@@ -114,9 +176,11 @@ def run_attack(
     attacked = cap if null is None else null_capture(cap, null, seed=seed)
     context = Context(victim=victim, variables=variables, artifact=artifact, seed=seed, progress=progress,
                       options=dict(options or {}))
+    t0 = time.perf_counter()
     output = attack.run(attacked, config, context)
+    cost = attack_cost(time.perf_counter() - t0, output.info.get("timing"))
     result = evaluate(cap, output, victim=victim, variables=variables, lpips_net=lpips_net,
-                      weights_dir=weights_dir, match_metric=match_metric)
+                      lpips_also=lpips_also, weights_dir=weights_dir, match_metric=match_metric)
 
     os.makedirs(out_dir, exist_ok=True)
     written = []
@@ -144,6 +208,7 @@ def run_attack(
         "config": _json_ready(dataclasses.asdict(config)),
         "null_control": null,
         **_json_ready(info),
+        "cost": cost,
         "captures": meta,
         "protocol": meta.get("protocol"),
         "defenses": meta.get("defenses"),
@@ -167,7 +232,7 @@ def run_attack(
     means = {k: float(np.nanmean(np.where(np.isinf(v), np.nan, v))) if np.isfinite(v).any() else None
              for k, v in metrics.items()}
     summary = {"out": out_dir, "written": written, "n": cap.n, "attack": name, "null_control": null,
-               "means": means}
+               "means": means, "cost": cost}
     for key in ("timing", "sigma2_source", "trained_on"):
         if key in info:
             summary[key] = info[key]

@@ -7,6 +7,16 @@ targets x restarts, runs ``chunk`` iterations per compiled call with
 loss, and loops over chunks on the host only for progress and early stopping.
 Target ``t``, restart ``r`` draws from ``fold_in(fold_in(PRNGKey(seed), t), r)``,
 so results do not depend on how targets are blocked.
+
+FLOPs per iteration come from XLA's cost analysis of the compiled programs. XLA's
+``HloCostAnalysis`` counts the body of a ``while`` loop once whatever its trip count
+(measured with jax 0.10: ``lax.scan`` of a 64x64 matmul reports one step's FLOPs at
+lengths 1, 2 and 5, and ``unroll`` steps' FLOPs at ``unroll`` > 1), so the chunk's
+figure is NOT divided by the chunk length: with ``unroll=1`` and ``batching="vmap"``
+on one device the chunk's loop body is one iteration of the block, and its FLOPs
+divided by the block's runs is the figure; otherwise :func:`_iteration_flops` compiles
+a one-iteration program for the count. ``tests/test_audit_metrics.py`` checks that
+both agree, so a change in XLA's counting shows up there.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -78,6 +88,10 @@ class RunOptions:
         block (its targets x restarts are split across them; the block is padded
         to a multiple). ``None`` (default): all of them; ``1``: the default device
         only. Same results.
+      flops: measure FLOPs per iteration of one run (``RunResult.flops_per_iteration``);
+        free with the defaults (read from the chunk's compiled program), one extra
+        compilation of a one-iteration program otherwise (:func:`_iteration_flops`, first
+        block only, not in ``compile_seconds``).
     """
 
     iterations: int
@@ -91,6 +105,7 @@ class RunOptions:
     batching: str = "vmap"
     unroll: int = 1
     devices: int | None = None
+    flops: bool = True
 
     def __post_init__(self):
         if self.batching not in ("vmap", "map"):
@@ -124,6 +139,13 @@ class RunResult:
         cost of one iteration of one compiled block of ``target_batch x restarts`` runs.
       seconds_per_target: ``seconds_total / T`` (amortised, compilation excluded).
       devices: devices that shared each block.
+      flops_per_iteration: FLOPs of one iteration of one run (one target, one restart;
+        a target with R restarts costs R times this): XLA's cost analysis of the first
+        block's compiled program divided by its runs (see the module docstring);
+        ``None`` where the backend gives no figure or ``RunOptions.flops`` is off.
+      flops_lower_bound: the iteration holds a loop (``lax.scan`` / ``while``, e.g. DLF's
+        replayed local steps) whose body XLA counted once, so ``flops_per_iteration``
+        undercounts.
     """
 
     images: np.ndarray
@@ -137,9 +159,11 @@ class RunResult:
     seconds_per_iteration: float
     seconds_per_target: float
     devices: int = 1
+    flops_per_iteration: float | None = None
+    flops_lower_bound: bool = False
 
-    def timing(self) -> dict[str, float]:
-        """JSON-ready timing summary."""
+    def timing(self) -> dict[str, Any]:
+        """JSON-ready timing and cost summary (``flops_per_iteration`` may be ``None``)."""
         return {
             "compile_seconds": self.compile_seconds,
             "seconds_total": self.seconds_total,
@@ -148,6 +172,8 @@ class RunResult:
             "iterations_run_max": int(self.iterations_run.max()),
             "best_iteration_mean": float(self.best_iteration.mean()),
             "devices": self.devices,
+            "flops_per_iteration": self.flops_per_iteration,
+            "flops_lower_bound": self.flops_lower_bound,
         }
 
 
@@ -158,24 +184,101 @@ class _Carry(NamedTuple):
     best_iteration: Array
 
 
+def _iterate(problem: Problem, iterations: int, c: _Carry, target, shared, it) -> _Carry:
+    """One iteration of one run: step, and keep the candidate if its loss is the best so far."""
+    cand = problem.candidate(c.state, shared)
+    new_state, loss = problem.step(c.state, target, shared, it)
+    active = it < iterations
+    better = active & (loss < c.best_loss)  # NaN never wins
+    pick = lambda new, old: jnp.where(better, new, old)
+    state = jax.tree_util.tree_map(lambda n, o: jnp.where(active, n, o), new_state, c.state)
+    return _Carry(
+        state=state,
+        best=jax.tree_util.tree_map(pick, cand, c.best),
+        best_loss=jnp.where(better, loss, c.best_loss),
+        best_iteration=jnp.where(better, it, c.best_iteration),
+    )
+
+
 def _run_chunk(problem: Problem, iterations: int, chunk: int, unroll: int, carry: _Carry, target, shared,
                start):
     def body(c: _Carry, it):
-        cand = problem.candidate(c.state, shared)
-        new_state, loss = problem.step(c.state, target, shared, it)
-        active = it < iterations
-        better = active & (loss < c.best_loss)  # NaN never wins
-        pick = lambda new, old: jnp.where(better, new, old)
-        state = jax.tree_util.tree_map(lambda n, o: jnp.where(active, n, o), new_state, c.state)
-        return _Carry(
-            state=state,
-            best=jax.tree_util.tree_map(pick, cand, c.best),
-            best_loss=jnp.where(better, loss, c.best_loss),
-            best_iteration=jnp.where(better, it, c.best_iteration),
-        ), None
+        return _iterate(problem, iterations, c, target, shared, it), None
 
     carry, _ = jax.lax.scan(body, carry, start + jnp.arange(chunk), unroll=min(unroll, chunk))
     return carry
+
+
+def flops_of(cost: Any) -> float | None:
+    """Total FLOPs in what ``Compiled.cost_analysis()`` returned, or ``None``.
+
+    Backends differ: some return ``None``, older JAX a list of one dict per program,
+    some dicts lack ``"flops"`` or hold a negative "unknown" value. A list counts only
+    when every entry has a figure.
+
+    >>> flops_of({"flops": 10.0}), flops_of([{"flops": 2.0}, {"flops": 3.0}]), flops_of(None)
+    (10.0, 5.0, None)
+    >>> flops_of([{"flops": 2.0}, {}]), flops_of({"flops": -1.0})
+    (None, None)
+    """
+    entries = list(cost) if isinstance(cost, (list, tuple)) else [cost]
+    values = []
+    for entry in entries:
+        value = entry.get("flops") if isinstance(entry, Mapping) else None
+        if value is None or not math.isfinite(float(value)) or float(value) < 0:
+            return None
+        values.append(float(value))
+    return float(sum(values)) if values else None
+
+
+_LOOPS = ("scan", "while")
+
+
+def _sub_jaxprs(params: Mapping[str, Any]):
+    for value in params.values():
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            inner = getattr(item, "jaxpr", item)  # a ClosedJaxpr holds its Jaxpr
+            if hasattr(inner, "eqns"):
+                yield inner
+
+
+def _loops(jaxpr) -> int:
+    """Number of ``scan`` / ``while`` in a jaxpr, nested ones (inside pjit, cond, loops) included."""
+    return sum((eqn.primitive.name in _LOOPS) + sum(_loops(sub) for sub in _sub_jaxprs(eqn.params))
+               for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns)
+
+
+def _compiled_flops(compiled) -> float | None:
+    try:
+        return flops_of(compiled.cost_analysis())
+    except NotImplementedError:  # a backend without cost analysis
+        return None
+
+
+def _iteration_flops(problem: Problem, iterations: int, carry: _Carry, target: PyTree,
+                    shared: PyTree) -> tuple[float | None, bool]:
+    """FLOPs of one iteration of one run, and whether that figure is a lower bound.
+
+    Compiles the vmapped one-iteration program for the block's shapes (abstract,
+    single device, so sharding does not split the count) and divides XLA's FLOPs by
+    the block's runs (targets x restarts, padding included: padded runs compute too).
+
+    Args:
+      problem: the attack.
+      iterations: the budget (a static argument of the step).
+      carry, target: the block's carry and targets (leading axis = runs); only shapes are read.
+      shared: the shared pytree; only shapes are read.
+
+    Returns:
+      ``(flops, lower_bound)``: ``flops`` is ``None`` when the backend gives no figure;
+      ``lower_bound`` is True when the iteration holds a loop, whose body XLA counts once.
+    """
+    spec = lambda tree: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
+    runs = int(jax.tree_util.tree_leaves(carry)[0].shape[0])
+    one = jax.vmap(functools.partial(_iterate, problem, iterations), in_axes=(0, 0, None, None))
+    traced = jax.jit(one).trace(spec(carry), spec(target), spec(shared), jax.ShapeDtypeStruct((), jnp.int32))
+    flops = _compiled_flops(traced.lower().compile())
+    return (None if flops is None else flops / runs), _loops(traced.jaxpr) > 0
 
 
 def _init_carry(problem: Problem, key, target, shared) -> _Carry:
@@ -242,6 +345,7 @@ def run_problem(problem: Problem, targets: PyTree, shared: PyTree, options: RunO
     patience_chunks = None if options.patience is None else max(1, math.ceil(options.patience / chunk))
     out: list[dict[str, Any]] = []
     compile_s = total_s = per_iter_s = 0.0
+    flops, flops_lower_bound = None, False
     bar = _progress(options.iterations * math.ceil(n / block), options.progress)
     host = jax.tree_util.tree_map(np.asarray, targets)
     for start in range(0, n, block):
@@ -253,8 +357,17 @@ def run_problem(problem: Problem, targets: PyTree, shared: PyTree, options: RunO
         # Placing the carry again is a no-op unless XLA chose another sharding for an output.
         carry = place(init(keys, sub, shared))
         t0 = time.perf_counter()
-        compiled = run.lower(carry, sub, shared, jnp.int32(0)).compile()
+        traced = run.trace(carry, sub, shared, jnp.int32(0))
+        compiled = traced.lower().compile()
         compile_s += time.perf_counter() - t0
+        if options.flops and start == 0:
+            if options.unroll == 1 and options.batching == "vmap" and devices == 1:
+                # The chunk's loop body is one iteration of the block, counted once by XLA.
+                chunk_flops = _compiled_flops(compiled)
+                flops = None if chunk_flops is None else chunk_flops / (block * restarts)
+                flops_lower_bound = _loops(traced.jaxpr) > 1  # more loops than the chunk's own scan
+            else:
+                flops, flops_lower_bound = _iteration_flops(problem, options.iterations, carry, sub, shared)
         history: list[np.ndarray] = []
         ran = 0
         t0 = time.perf_counter()
@@ -288,7 +401,8 @@ def run_problem(problem: Problem, targets: PyTree, shared: PyTree, options: RunO
         images=take(cat["images"]), label_probs=take(cat["label_probs"]), loss=take(cat["loss"]),
         best_iteration=take(cat["best_iteration"]), restart_loss=cat["loss"], iterations_run=cat["ran"],
         compile_seconds=compile_s, seconds_total=total_s, seconds_per_iteration=per_iter_s,
-        seconds_per_target=total_s / n, devices=devices,
+        seconds_per_target=total_s / n, devices=devices, flops_per_iteration=flops,
+        flops_lower_bound=flops_lower_bound,
     )
 
 
@@ -298,4 +412,4 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, desc="attack", unit="it", disable=not enabled, leave=False)
 
 
-__all__ = ["Candidate", "Problem", "RunOptions", "RunResult", "run_problem"]
+__all__ = ["Candidate", "Problem", "RunOptions", "RunResult", "flops_of", "run_problem"]
