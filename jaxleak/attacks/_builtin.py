@@ -332,3 +332,4 @@ for _name, (_summary, _has_labels) in _OPT_SUMMARY.items():
         options=_OPT_OPTIONS + ((_LABELS,) if _has_labels else ()),
         family="optimization",
     ))
+from jaxleak.attacks.fedavg import _runner  # noqa: E402,F401  (registers sme, fm, dlf, flow-latent)
