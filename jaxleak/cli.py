@@ -301,7 +301,7 @@ def cmd_attack(args) -> int:
         if opt.type is bool:
             value = not opt.flag.startswith("--no-")
         (overrides if opt.target == "config" else options)[opt.dest] = value
-    if attack.family == "optimization":
+    if attack.family in ("optimization", "fedavg"):
         options.update({dest: getattr(args, flag) for flag, dest in _DRIVER_FLAGS.items()})
     cap = load_capture(args.captures)
     summary = run_attack(
@@ -363,7 +363,7 @@ def _add_attack_parsers(sub) -> None:
         g.add_argument("--weights-dir", default=None, help="LPIPS weights root (default: $JAXLEAK_WEIGHTS_DIR)")
         g.add_argument("--attack-seed", type=_nonneg_int, default=0, help="seed of the initialisations")
         g.add_argument("--quiet", action="store_true", help="no progress bar")
-        if attack.family == "optimization":
+        if attack.family in ("optimization", "fedavg"):
             _add_driver_options(a)
         a.set_defaults(func=cmd_attack)
 

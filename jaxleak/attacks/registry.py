@@ -105,7 +105,7 @@ class Attack:
       make_config: ``(**overrides) -> config`` (a frozen dataclass with the reference defaults).
       run: ``(capture, config, context) -> AttackOutput``.
       options: extra command-line options (:class:`Option`).
-      family: ``"analytic"``, ``"recovery"`` or ``"optimization"`` (groups shared CLI options).
+      family: ``"analytic"``, ``"recovery"``, ``"optimization"`` or ``"fedavg"`` (groups shared CLI options).
     """
 
     name: str
