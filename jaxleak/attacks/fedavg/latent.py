@@ -63,9 +63,9 @@ class FlowLatentConfig:
       kl: weight of GGL's latent regulariser, per image the KL divergence of a Gaussian with the
         latent's own mean ``mu`` and variance ``s2`` (over its H W C entries) from N(0, 1),
         ``0.5 (s2 + mu^2 - 1 - log s2)``, summed over the images. It keeps ``z`` on the shell
-        ``||z||^2 ~ HWC`` where the prior's noise lives. 1e-4: the weight GGL-with-Adam
-        re-implementations use with the cosine distance (GGL's own code uses 0.1 with an L2
-        distance, whose scale is unrelated). Its gradient per coordinate is
+        ``||z||^2 ~ HWC`` where the prior's noise lives. 1e-4: the weight a public GGL-with-Adam
+        re-implementation uses with the cosine distance (GGL's own code adds 0.1 x KL to an L2
+        distance, whose scale is unrelated, and only for an unbounded latent). Its gradient per coordinate is
         O(kl / HWC), so at 1e-4 it only acts once the matching gradient is near zero; 0 turns it off.
       tv: total-variation weight on the generated images (0: off; GGL's images come from the
         generator, which is the image prior).
