@@ -3,7 +3,10 @@
 :func:`local_update` is pure and written for one client; :mod:`jaxleak.capture`
 ``vmap``s it over clients at one edge, and attacks that must replay a client
 (DLF unrolls its steps; SME / FM differentiate at a surrogate point) call the
-same function, so "what a client does" exists once.
+same functions, so "what a client does" exists once: FedAvg's local steps over a
+given sequence of batches are :func:`run_local_steps`, which :func:`local_update`
+calls on the client's shuffled schedule and DLF on its dummy batches (soft labels,
+differentiated through every step).
 """
 
 from __future__ import annotations
@@ -51,9 +54,28 @@ def _all_finite(tree: PyTree) -> Bool[Array, ""]:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
-def _example_loss(victim) -> Callable:
-    """``(params, batch_stats, image, label, key) -> loss`` of one example."""
-    if getattr(victim, "stochastic", False):
+def _soft_loss(victim, params: PyTree, batch_stats: PyTree | None, image: Float[Array, "h w c"],
+               probs: Float[Array, " k"]) -> Float[Array, ""]:
+    """Cross-entropy of ONE example against a label distribution (BatchNorm in inference mode)."""
+    variables = {"params": params}
+    if victim.has_batch_stats:
+        variables["batch_stats"] = batch_stats
+    logits = victim.module.apply(variables, image[None], train=False)
+    return optax.softmax_cross_entropy(logits, probs[None])[0]
+
+
+def _example_loss(victim, soft: bool = False) -> Callable:
+    """``(params, batch_stats, image, label, key) -> loss`` of one example.
+
+    ``soft``: the label is a distribution ``[K]`` (an attacker's dummy labels) rather than a
+    class index; PRECODE's sampled bottleneck is not supported there.
+    """
+    stochastic = getattr(victim, "stochastic", False)
+    if soft:
+        if stochastic:
+            raise ValueError(f"{victim.name}: soft labels are not supported for a stochastic (PRECODE) victim")
+        return lambda p, bs, x, y, k: _soft_loss(victim, p, bs, x, y)
+    if stochastic:
         return lambda p, bs, x, y, k: victim.loss(p, bs, x, y, k)
     return lambda p, bs, x, y, k: victim.loss(p, bs, x, y)
 
@@ -63,19 +85,21 @@ def step_gradient(
     params: PyTree,
     batch_stats: PyTree | None,
     images: Float[Array, "b h w c"],
-    labels: Int[Array, " b"],
+    labels: Int[Array, " b"] | Float[Array, "b k"],
     valid: Bool[Array, " b"],
-    sample_keys: PRNGKeyArray,
-    noise_key: PRNGKeyArray,
+    sample_keys: PRNGKeyArray | None,
+    noise_key: PRNGKeyArray | None,
     step: StepTransform | None = None,
 ) -> tuple[PyTree, Bool[Array, ""]]:
     """The gradient one local step uses, and whether it (and every per-example one) is finite.
 
     Without ``step``: the gradient of the mean loss over the ``valid`` examples. With a
     step-stage defense (DP): per-example gradients, then ``step(grads, noise_key)``;
-    padding is not allowed there (the caller checks ``B | M``).
+    padding is not allowed there (the caller checks ``B | M``). Float ``labels`` ``[b, K]``
+    are label distributions (soft cross-entropy, as an attacker's dummy labels); the keys
+    may be ``None`` when the victim is deterministic and there is no ``step``.
     """
-    one = _example_loss(victim)
+    one = _example_loss(victim, soft=jnp.issubdtype(labels.dtype, jnp.floating))
     if step is None:
         def mean_loss(p):
             losses = jax.vmap(one, in_axes=(None, None, 0, 0, 0))(p, batch_stats, images, labels, sample_keys)
@@ -133,23 +157,98 @@ def local_update(
     if step is not None and s * b != samples:
         raise ValueError(f"DP inside local training needs the local batch to divide the client's images: "
                          f"B={b} does not divide M={samples}")
-    params = variables["params"]
-    batch_stats = variables.get("batch_stats")
     k_shuffle, k_sample, _ = derived_keys(key)
     schedule = make_schedule(protocol, samples, k_shuffle)
-
-    def gradient_at(p, idx, t, noise_key):
-        safe = jnp.maximum(idx, 0)
-        sample_keys = jax.vmap(lambda j: jax.random.fold_in(k_sample, t * b + j))(jnp.arange(b))
-        return step_gradient(victim, p, batch_stats, images[safe], labels[safe], idx >= 0, sample_keys,
-                             noise_key, step)
+    steps = schedule.reshape(e * s, b)
+    # Example j of step t draws its stochastic-victim sample from fold_in(k_sample, t * B + j).
+    sample_keys = jax.vmap(lambda t: jax.vmap(lambda j: jax.random.fold_in(k_sample, t * b + j))(
+        jnp.arange(b)))(jnp.arange(e * s))
+    safe = jnp.maximum(steps, 0)
+    batches, batch_labels, valid = jnp.asarray(images)[safe], jnp.asarray(labels)[safe], steps >= 0
 
     if protocol.kind == "fedsgd":
-        grad, finite = gradient_at(params, schedule[0, 0], 0, key)
+        grad, finite = step_gradient(victim, variables["params"], variables.get("batch_stats"), batches[0],
+                                     batch_labels[0], valid[0], sample_keys[0], key, step)
         return ClientResult(update=grad, schedule=schedule, finite=finite)
 
-    optimizer = optax.sgd(protocol.lr) if protocol.optimizer == "sgd" else optax.adam(protocol.lr)
     k_noise = jax.random.fold_in(key, 1)
+    noise_keys = jax.vmap(lambda t: jax.random.fold_in(k_noise, t))(jnp.arange(e * s))
+    update, finite = run_local_steps(victim, variables, batches, batch_labels, valid, protocol=protocol,
+                                     step=step, sample_keys=sample_keys, noise_keys=noise_keys)
+    return ClientResult(update=update, schedule=schedule, finite=finite)
+
+
+def local_optimizer(protocol: Protocol, *, eps_root: float = 0.0) -> optax.GradientTransformation:
+    """The client's local optimizer: ``optax.sgd(lr)`` or ``optax.adam(lr)`` of ``protocol``.
+
+    ``eps_root`` (Adam only) is added under Adam's square root. The client uses 0; an
+    attacker that differentiates through the steps (DLF) passes a tiny value so that a
+    parameter whose gradient is exactly 0 does not give ``d sqrt(v) / dv = inf``.
+
+    >>> import jax.numpy as jnp
+    >>> opt = local_optimizer(Protocol(kind="fedavg", optimizer="sgd", lr=0.5))
+    >>> upd, _ = opt.update({"w": jnp.ones(2)}, opt.init({"w": jnp.zeros(2)}))
+    >>> upd["w"].tolist()
+    [-0.5, -0.5]
+    """
+    if protocol.optimizer == "sgd":
+        return optax.sgd(protocol.lr)
+    return optax.adam(protocol.lr, eps_root=eps_root)
+
+
+def run_local_steps(
+    victim,
+    variables: PyTree,
+    batches: Float[Array, "t b h w c"],
+    labels: Int[Array, "t b"] | Float[Array, "t b k"],
+    valid: Bool[Array, "t b"],
+    *,
+    protocol: Protocol,
+    step: StepTransform | None = None,
+    sample_keys: PRNGKeyArray | None = None,
+    noise_keys: PRNGKeyArray | None = None,
+    eps_root: float = 0.0,
+) -> tuple[PyTree, Bool[Array, ""]]:
+    """FedAvg's local training over a given sequence of ``T`` batches: ``(w0 - w1, finite)``.
+
+    :func:`local_update` calls it on the batches of the client's shuffled schedule; an
+    attacker replays a client by calling it on dummy batches in an order it chooses
+    (DLF), with soft labels and differentiating through all ``T`` steps.
+
+    Args:
+      victim: a :class:`jaxleak.models.Victim` (static).
+      variables: the server's variables ``w0`` (``params``, optionally ``batch_stats``).
+      batches: ``[T, B, H, W, C]`` images of each local step, in step order.
+      labels: ``[T, B]`` class indices, or ``[T, B, K]`` label distributions (soft
+        cross-entropy; deterministic victims only).
+      valid: ``[T, B]``; ``False`` marks padding (left out of the step's mean loss).
+      protocol: a ``fedavg`` :class:`Protocol` (its optimizer and lr; static).
+      step: optional step-stage defense (DP) on every step's per-example gradients.
+      sample_keys: ``[T, B]`` keys of a stochastic victim's samples (``None`` otherwise).
+      noise_keys: ``[T]`` keys of ``step`` (``None`` without it).
+      eps_root: see :func:`local_optimizer` (0 for the client itself).
+
+    Returns:
+      ``(update, finite)``: the params-shaped ``w0 - w1`` and whether every step gradient
+      and the update are finite.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxleak.models import get_victim
+    >>> v = get_victim("mlp", image_shape=(4, 4, 1), num_classes=3, hidden=5)
+    >>> w0 = v.init(jax.random.key(0))
+    >>> p = Protocol(kind="fedavg", local_epochs=1, local_batch=2, optimizer="sgd", lr=0.01)
+    >>> probs = jnp.full((3, 2, 3), 1 / 3)
+    >>> u, ok = run_local_steps(v, w0, jnp.zeros((3, 2, 4, 4, 1)), probs, jnp.ones((3, 2), bool), protocol=p)
+    >>> u["head"]["bias"].shape, bool(ok)
+    ((3,), True)
+    """
+    if step is not None and noise_keys is None:
+        raise ValueError("a step-stage defense needs noise_keys [T]")
+    if getattr(victim, "stochastic", False) and sample_keys is None:
+        raise ValueError(f"{victim.name} samples its bottleneck: pass sample_keys [T, B]")
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats")
+    optimizer = local_optimizer(protocol, eps_root=eps_root)
     # The update is accumulated as the sum of the optimizer's steps (delta = w1 - w0) rather
     # than subtracted at the end, so it carries no extra cancellation error; the weights each
     # step sees are w0 + delta, as the client's own would be.
@@ -157,17 +256,16 @@ def local_update(
 
     def body(carry, inp):
         delta, opt_state, ok = carry
-        idx, t = inp
+        x, y, mask, sample_key, noise_key = inp
         current = jax.tree_util.tree_map(jnp.add, params, delta)
-        grad, finite = gradient_at(current, idx, t, jax.random.fold_in(k_noise, t))
+        grad, finite = step_gradient(victim, current, batch_stats, x, y, mask, sample_key, noise_key, step)
         upd, opt_state = optimizer.update(grad, opt_state, current)
         return (jax.tree_util.tree_map(jnp.add, delta, upd), opt_state, ok & finite), None
 
-    steps = schedule.reshape(e * s, b)
     init = (zeros, optimizer.init(params), jnp.asarray(True))
-    (delta, _, finite), _ = jax.lax.scan(body, init, (steps, jnp.arange(e * s)))
+    (delta, _, finite), _ = jax.lax.scan(body, init, (batches, labels, valid, sample_keys, noise_keys))
     update = jax.tree_util.tree_map(jnp.negative, delta)
-    return ClientResult(update=update, schedule=schedule, finite=finite & _all_finite(update))
+    return update, finite & _all_finite(update)
 
 
 def client_update(
