@@ -12,8 +12,8 @@ comparable to Inception FID) and the size of ``||v||^2`` on real vs noisy images
 from jaxleak.priors.flow import (
     DEFAULT_PRIOR,
     KIND,
-    SHIPPED_DIR,
     METHODS,
+    SHIPPED_DIR,
     Prior,
     TrainConfig,
     TrainResult,
@@ -45,9 +45,9 @@ from jaxleak.priors.unet import PRESETS, UNet, UNetConfig, count_params, init_pa
 __all__ = [
     "DEFAULT_PRIOR",
     "KIND",
-    "SHIPPED_DIR",
     "METHODS",
     "PRESETS",
+    "SHIPPED_DIR",
     "Prior",
     "TrainConfig",
     "TrainResult",

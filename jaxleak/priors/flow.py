@@ -793,8 +793,8 @@ def export_prior(
 __all__ = [
     "DEFAULT_PRIOR",
     "KIND",
-    "SHIPPED_DIR",
     "METHODS",
+    "SHIPPED_DIR",
     "Prior",
     "TrainConfig",
     "TrainResult",

@@ -8,7 +8,15 @@ over clients by :mod:`jaxleak.capture`; attacks that replay a client call it too
 capture can be taken at a given global epoch of a real FL run.
 """
 
-from jaxleak.protocols._local import ClientResult, client_update, derived_keys, local_update, step_gradient
+from jaxleak.protocols._local import (
+    ClientResult,
+    client_update,
+    derived_keys,
+    local_optimizer,
+    local_update,
+    run_local_steps,
+    step_gradient,
+)
 from jaxleak.protocols._protocol import FEDSGD, KINDS, OPTIMIZERS, Protocol, make_schedule
 from jaxleak.protocols.server import (
     FedAvgTraining,
@@ -31,10 +39,12 @@ __all__ = [
     "client_update",
     "derived_keys",
     "fedavg_round",
+    "local_optimizer",
     "local_update",
     "make_schedule",
     "partition",
     "rounds_for_epochs",
+    "run_local_steps",
     "sample_clients",
     "step_gradient",
     "train_fedavg",

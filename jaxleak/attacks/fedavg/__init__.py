@@ -8,9 +8,10 @@ is not the gradient of any one batch. The attacks here each treat that different
   cosine, learning ``alpha`` with the images (:func:`surrogate_variables`, :func:`surrogate_matching`).
 * **FM** (:class:`FMConfig`, :func:`make_fm`; the FM paper): SME's loss plus a flow-matching image
   prior ``lambda_fm ||v(x, tau)||^2`` (:mod:`jaxleak.priors`), tau ramping over the iterations.
-* **DLF** (``jaxleak.attacks.fedavg.dlf``) replays the client's local steps on dummy data through
-  :func:`jaxleak.protocols.local_update`; **flow-latent** (``jaxleak.attacks.fedavg.latent``)
-  searches the flow's initial noise (a GGL-style generative-latent attack).
+* **DLF** (:class:`DLFConfig`, :func:`make_dlf`; Dimitrov et al. 2022) replays the client's local
+  steps on dummy data through :func:`jaxleak.protocols.run_local_steps`, the code the client runs.
+* **flow-latent** (:class:`FlowLatentConfig`, :func:`make_flow_latent`) searches the initial noise
+  of the flow prior's ODE: a GGL-style generative-latent attack, not GGL (no pretrained GAN here).
 
 Every attack is a :class:`jaxleak.attacks.optimization.Problem` for ONE client, built by
 ``make_x(victim, config, *, batch_size, protocol, prior)``; the optimisation driver vmaps it over
@@ -20,6 +21,8 @@ flow-latent`` runs them on a capture file (registered in :mod:`._runner`).
 """
 
 from jaxleak.attacks.fedavg._surrogate import surrogate_matching, surrogate_variables
+from jaxleak.attacks.fedavg.dlf import DLFConfig, make_dlf, simulated_update
+from jaxleak.attacks.fedavg.latent import FlowLatentConfig, generate, make_flow_latent
 from jaxleak.attacks.fedavg.sme import (
     FMConfig,
     SMEConfig,
@@ -33,14 +36,20 @@ from jaxleak.attacks.fedavg.sme import (
 )
 
 __all__ = [
+    "DLFConfig",
     "FMConfig",
+    "FlowLatentConfig",
     "SMEConfig",
     "fm_config",
     "fm_regularizer",
     "fm_tau",
+    "generate",
     "image_stats",
+    "make_dlf",
+    "make_flow_latent",
     "make_fm",
     "make_sme",
+    "simulated_update",
     "sme_total_variation",
     "surrogate_matching",
     "surrogate_variables",

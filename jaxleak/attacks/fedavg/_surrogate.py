@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import jax
-import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
 from jaxleak.attacks.optimization._matching import cosine_distance, dummy_gradient
