@@ -87,6 +87,19 @@ def needs_prior(config) -> bool:
     return hasattr(config, "prior") and getattr(config, "lambda_fm", 1.0) > 0
 
 
+def prior_note(name: str, prior) -> str:
+    """One line saying which flow prior ran (and that it is the shipped default, when it is)."""
+    from jaxleak.priors import DEFAULT_PRIOR
+
+    note = f"flow prior: {prior.extra.get('source', name)}"
+    if name == DEFAULT_PRIOR:
+        note += " (the default for 32x32 RGB images; --prior chooses another)"
+    quality = prior.extra.get("quality") or {}
+    if quality.get("fd_alexnet") is not None:
+        note += f", FD-AlexNet {quality['fd_alexnet']:.1f} (not comparable to Inception FID)"
+    return note
+
+
 def load_prior_for(config, victim):
     """The prior ``config.prior`` (:func:`jaxleak.priors.load`), checked against the victim's images.
 
@@ -154,6 +167,8 @@ def _run(name: str, spec: _Spec):
         if protocol.kind == "fedsgd":
             notes.append(f"FedSGD capture: the update is one gradient at w0; {name} ran on it as on a "
                          f"one-step FedAvg update")
+        if prior is not None:
+            notes.append(prior_note(config.prior, prior))
         info: dict[str, Any] = {
             "config": _json_ready(_fields(config)), "timing": res.timing(), "conv_impl": conv_impl,
             "best_iteration": np.asarray(res.best_iteration).tolist(),
