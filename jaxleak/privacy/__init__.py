@@ -12,6 +12,8 @@ they are calibrated with. Two calibrations exist side by side (NOTES section 2):
 
 The classical Gaussian formula of ``paper`` is unsound for ``eps > 1``;
 :func:`paper_tight_epsilon` gives the epsilon its noise really buys (Balle & Wang 2018).
+:func:`reconstruction_bound` and :func:`bound_for_meta` give what the noise promises about
+reconstruction (NOTES section 6), against a baseline from :func:`baseline_kappa`.
 """
 
 from jaxleak.privacy.accounting import ACCOUNTANTS, dpsgd_epsilon, dpsgd_noise_multiplier
@@ -25,6 +27,13 @@ from jaxleak.privacy.mechanisms import (
     paper_noise_scale,
     resolve,
 )
+from jaxleak.privacy.reconstruction import (
+    baseline_kappa,
+    bound_for_meta,
+    mu_gaussian,
+    mu_paper_calibration,
+    reconstruction_bound,
+)
 
 __all__ = [
     "ACCOUNTANTS",
@@ -33,11 +42,16 @@ __all__ = [
     "DPConfig",
     "ResolvedDP",
     "analytic_gaussian_epsilon",
+    "baseline_kappa",
+    "bound_for_meta",
     "clip_by_global_norm",
     "dpsgd_epsilon",
     "dpsgd_noise_multiplier",
     "global_norm",
+    "mu_gaussian",
+    "mu_paper_calibration",
     "paper_noise_scale",
     "paper_tight_epsilon",
+    "reconstruction_bound",
     "resolve",
 ]
