@@ -1,0 +1,143 @@
+"""The FM paper's Figure 3 re-run: reconstruction MSE vs the client batch size B, SME vs FM (PNG + JSON).
+
+Same clients as ``table2.py`` (``convnet-sme``, CIFAR-10 test images, FedAvg with 5 local batches of
+B images, the paper's local Adam 0.1 by default), for B in {1, 2, 4, 8, 16}; SME and FM at the same
+budget, each with its ``shuffle`` null control (dashed in the plot). MSE is per image after the
+Hungarian matching of ``jaxleak.audit.evaluate``, averaged over clients, then over seeds (error bars:
+std over seeds). The paper gives Figure 3 only as a plot (its values are not in the text), so no
+paper numbers are printed; :data:`PAPER` says so.
+
+    python experiments/flow_matching/figure3.py --quick --prior random     # smoke run
+    python experiments/flow_matching/figure3.py                           # CPU budgets, 3 seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import _common as C
+
+ATTACKS = ("sme", "fm")
+PAPER = None
+"""The FM paper's Figure 3 (MSE vs B): a plot only; the text extraction holds no values, and the text
+says only that FM's MSE is lowest at every B and the gap widens with B."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--split", default="test")
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="client batch sizes (default 1 2 4 8 16)")
+    p.add_argument("--optimizer", choices=sorted(C.OPTIMIZERS), default="adam")
+    p.add_argument("--png", default=None, help="plot (default: next to --out, .png)")
+    C.add_common_args(p)
+    args = p.parse_args(argv)
+    C.apply_quick(args)
+    args.batches = args.batches or ([1, 2] if args.quick else [1, 2, 4, 8, 16])
+    return args
+
+
+def plot(points: list[dict], path, *, title: str) -> None:
+    """MSE vs B, one solid line per attack and its null control dashed (log-2 x axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
+    for attack, color in zip(ATTACKS, ("tab:blue", "tab:red"), strict=True):
+        pts = [p for p in points if p["attack"] == attack]
+        bs = [p["batch"] for p in pts]
+        for kind, style in (("real", "-o"), ("null", "--x")):
+            ys = [(p[kind] or {}).get("mse") for p in pts]
+            es = [(p[kind] or {}).get("mse_std") or 0.0 for p in pts]
+            if any(y is None for y in ys):
+                continue
+            label = attack.upper() + (" (null: shuffle)" if kind == "null" else "")
+            ax.errorbar(bs, ys, yerr=es, fmt=style, color=color, label=label, capsize=3,
+                        alpha=1.0 if kind == "real" else 0.6)
+    ax.set_xscale("log", base=2)
+    batches = sorted({p["batch"] for p in points})
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.minorticks_off()
+    ax.set_xlabel("client batch size B")
+    ax.set_ylabel("reconstruction MSE (lower is better)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out_json, runs = C.default_paths(args, "figure3")
+    png = args.png or str(out_json.with_suffix(".png"))
+    iterations = C.budgets(args)
+    fm = C.fm_fields(args)
+    optimizer, lr = C.OPTIMIZERS[args.optimizer]
+    result = {
+        "what": "FM paper Figure 3 re-run: reconstruction MSE vs client batch size B, SME vs FM, with nulls",
+        **C.provenance("figure3.py", argv),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs")},
+        "fm_fields": fm,
+        "budget": {"ours": {a: iterations[a] for a in ATTACKS}, "paper": {a: C.PAPER_BUDGETS[a] for a in ATTACKS}},
+        "paper": "Figure 3 is a plot only; no values in the text",
+        "png": png,
+        "points": [],
+    }
+    prior = None
+    t0 = time.time()
+    points = []
+    for batch in args.batches:
+        protocol, samples = C.fedavg_setting(batch=batch, local_batches=args.local_batches, optimizer=optimizer,
+                                             lr=lr, reading=args.reading)
+        per_attack = {a: {"real": [], "null": []} for a in ATTACKS}
+        for seed in args.seeds:
+            data = C.load_clients(args.dataset, args.split, clients=args.clients, samples=samples, seed=seed,
+                                  image_size=args.image_size)
+            if prior is None:
+                prior, result["prior"] = C.resolve_prior(args.prior, data.images.shape[1:], runs)
+            cap = C.client_capture(data, model=args.model, width=args.width, protocol=protocol, samples=samples,
+                                   seed=seed, checkpoint=args.victim_checkpoint)
+            for attack in ATTACKS:
+                overrides = C.attack_overrides(attack, iterations[attack], labels=args.labels, prior=prior,
+                                               fm=fm)
+                rows = C.run_cell(attack, cap, runs / f"B{batch}" / f"seed{seed}", overrides=overrides,
+                                  options=C.driver_options(args, iterations[attack]), seed=seed,
+                                  null=not args.no_null, force=args.force)
+                for kind, row in rows.items():
+                    per_attack[attack][kind].append(row)
+                print(f"[B={batch} seed {seed}] {attack}: MSE {C.fmt(rows['real']['mse'])}"
+                      + (f" (null {C.fmt(rows['null']['mse'])})" if "null" in rows else ""), flush=True)
+        for attack, v in per_attack.items():
+            points.append({"batch": batch, "samples": samples, "attack": attack, "iterations": iterations[attack],
+                           "protocol": {**protocol.as_meta(samples), "reading": args.reading},
+                           "real": C.aggregate(v["real"]), "null": C.aggregate(v["null"]) if v["null"] else None,
+                           "per_seed": v})
+        result.update(points=points, wall_seconds=round(time.time() - t0, 1))
+        C.write_results(out_json, result)
+
+    title = (f"{args.dataset} {args.split}, {args.model}, FedAvg {args.local_batches} x B, local {args.optimizer} "
+             f"{lr:g}\n{len(args.seeds)} seed(s) x {args.clients} clients, SME {iterations['sme']} / FM "
+             f"{iterations['fm']} iterations"
+             + ("; SMOKE (random prior)" if result["prior"].get("random") else ""))
+    plot(points, png, title=title)
+    header = ["B", "images / client", "attack", "iters (paper)", "MSE", "MSE std", "PSNR", "SSIM", "null MSE"]
+    table = [[p["batch"], p["samples"], p["attack"], f"{p['iterations']} ({C.PAPER_BUDGETS[p['attack']]})",
+              p["real"]["mse"], p["real"]["mse_std"], p["real"]["psnr"], p["real"]["ssim"],
+              (p["null"] or {}).get("mse")] for p in points]
+    print()
+    print(C.markdown_table(header, table))
+    print(f"\nprior {result['prior']['source']} (FD-AlexNet {C.fmt(result['prior'].get('fd_alexnet'))}); "
+          f"the paper's Figure 3 has no values in its text")
+    if result["prior"].get("random"):
+        print("WARNING: " + result["prior"]["warning"])
+    print(f"wrote {out_json} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
