@@ -202,7 +202,11 @@ def load_unet(args):
         params = _torch_unet_module().random_params(cfg)
         return cfg, params, {"source": "random", "architecture": cfg.to_dict(),
                              "note": "untrained weights of that architecture (timing does not depend on them)"}
-    prior = priors.load(args.prior)
+    try:
+        prior = priors.load(args.prior)
+    except Exception as error:  # noqa: BLE001 - any load failure ends the run with the same hint
+        raise SystemExit(f"flow prior {args.prior!r} could not be loaded ({str(error).splitlines()[0]}); pass "
+                         f"--prior DIR or --prior random (same architecture, untrained: fine for timing)") from None
     return prior.config, prior.params, {"source": prior.extra.get("source", args.prior),
                                         "architecture": prior.config.to_dict()}
 
