@@ -103,6 +103,7 @@ def _ig_flops(m: int, **driver) -> float:
     return res.flops_per_iteration
 
 
+@pytest.mark.slow  # heavy for the default suite (CI budget); run with -m slow
 def test_flops_per_iteration_is_positive_and_affine_in_the_image_count():
     f1, f2, f4 = (_ig_flops(m) for m in (1, 2, 4))
     assert 0 < f1 < f2 < f4

@@ -185,6 +185,7 @@ def test_train_venom_then_attack_end_to_end(tmp_path, capsys):
     assert code == 2 and "--checkpoint" in err
 
 
+@pytest.mark.slow  # 60 s; train venom -> attack covers the same path in the default suite
 def test_train_fgla_uses_label_row_features_end_to_end(tmp_path, capsys):
     ckpt = tmp_path / "fgla"
     code, _out, err = _run(capsys, "train", "fgla", "--aux-dataset", "mnist-embedded", "--aux-split", "train",

@@ -186,7 +186,7 @@ def _psnr(a, b):
     return 10 * np.log10(1.0 / np.mean((np.asarray(a) - np.asarray(b)) ** 2))
 
 
-@pytest.mark.parametrize("epochs", [1, 2])
+@pytest.mark.parametrize("epochs", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_recovers_toy_images(epochs):
     """Noise-free toy: MLP, 4x4x1 images, M = 2, B = 1, DLF's SGD lr 0.004; 200 iterations.
 

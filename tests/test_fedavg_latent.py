@@ -57,6 +57,7 @@ def _client(victim, seed=0):
     return {"variables": variables, "prior": _prior_params()}, target, images
 
 
+@pytest.mark.slow  # heavy for the default suite (CI budget); run with -m slow
 def test_generated_images_are_in_range_with_the_victims_shape():
     victim = _victim()
     shared, target, _ = _client(victim)
@@ -98,6 +99,7 @@ def test_the_matching_loss_is_differentiable_in_the_latent_end_to_end():
     np.testing.assert_allclose(analytic, finite_difference, rtol=5e-2, atol=1e-6)
 
 
+@pytest.mark.slow  # heavy for the default suite (CI budget); run with -m slow
 def test_alpha_stays_in_the_unit_interval_and_fedsgd_keeps_it_at_zero():
     victim = _victim("mlp")
     shared, target, _ = _client(victim)

@@ -73,7 +73,7 @@ def _noisy_unet(cfg, seed=0, scale=0.05):
 # --------------------------------------------------------------------------- alpha
 
 
-@pytest.mark.parametrize("space", ["normalized", "pixel"])
+@pytest.mark.parametrize("space", ["normalized", pytest.param("pixel", marks=pytest.mark.slow)])
 def test_alpha_and_images_stay_in_their_boxes_under_huge_steps(space):
     victim = get_victim("mlp", image_shape=(4, 4, 1), num_classes=3, hidden=6)
     w0, _, _, target = _client(victim, 2)
@@ -152,6 +152,7 @@ def test_alpha_zero_after_one_sgd_step_is_the_ig_cosine_loss():
 # --------------------------------------------------------------------------- FM
 
 
+@pytest.mark.slow  # heavy for the default suite (CI budget); run with -m slow
 def test_fm_with_lambda_zero_is_sme_step_for_step_and_lambda_positive_is_not():
     victim = get_victim("mlp", image_shape=(8, 8, 1), num_classes=3, hidden=6)
     w0, _, _, target = _client(victim, 2)
