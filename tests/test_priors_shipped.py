@@ -26,7 +26,7 @@ from jaxleak.priors import (
 
 NAME = "tinyimagenet32-small"
 PARAMS = 1_113_955  # the `small` preset at 32x32x3 (tests/test_priors.py checks the preset itself)
-DIGEST = "sha256:TO-BE-FILLED"  # of the stored bf16 arrays, in path order (see weights_digest)
+DIGEST = "sha256:b1dcd0216c1334062a248236e98e5acb4b09d319276723caed2d41752b31103f"  # of the stored bf16 arrays, in path order (see weights_digest)
 
 
 def weights_digest(path) -> str:
@@ -65,7 +65,8 @@ def test_the_shipped_prior_is_listed_and_is_the_default():
 def test_loads_by_name_with_the_recorded_architecture_and_weights():
     prior = load(NAME)
     assert prior.config.image_shape == (32, 32, 3)
-    assert count_params(prior.params) == PARAMS
+    assert count_params(prior.config) == PARAMS
+    assert sum(np.asarray(a).size for a in jax.tree_util.tree_leaves(prior.params)) == PARAMS
     assert all(np.asarray(a).dtype == np.float32 for a in jax.tree_util.tree_leaves(prior.params))
     assert prior.extra["source"] == f"shipped prior {NAME}"
     assert weights_digest(SHIPPED_DIR / NAME) == DIGEST
