@@ -73,6 +73,7 @@ def test_generated_images_are_in_range_with_the_victims_shape():
     assert np.abs(np.asarray(other) - images).max() > 1e-2
 
 
+@pytest.mark.slow  # 50 s; the known-flow recovery below also optimises through the generator
 def test_the_matching_loss_is_differentiable_in_the_latent_end_to_end():
     """grad_z of ``surrogate_matching(G(z))`` (through 4 midpoint steps = 8 UNet calls and the victim's
     double backward) is finite, nonzero and agrees with a central difference along a random direction."""

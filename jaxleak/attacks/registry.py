@@ -9,7 +9,7 @@ evaluating and writing results is one path for all of them
 ``jaxleak attacks`` are generated from :func:`attacks`.
 
 >>> sorted(attacks())[:4]
-['dlg', 'fgla', 'gradinversion', 'grnn']
+['dlf', 'dlg', 'fgla', 'flow-latent']
 >>> get_attack("ig").needs
 ('whole_update', 'weights')
 """
