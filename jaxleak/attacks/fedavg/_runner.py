@@ -12,7 +12,6 @@ attack is configured or run; ``dlf`` and ``flow-latent`` are registered when the
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import Any, NamedTuple
 
 import jax
@@ -190,15 +189,7 @@ def _run(name: str, spec: _Spec):
     return run
 
 
-def _available(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
 for _name, _spec in SPECS.items():
-    if _available(_spec.module):  # dlf / flow-latent appear once their modules land
-        register(Attack(name=_name, summary=_spec.summary, needs=("whole_update", "weights"),
-                        make_config=_make_config(_spec), run=_run(_name, _spec), options=_spec.options,
-                        family="fedavg"))
+    register(Attack(name=_name, summary=_spec.summary, needs=("whole_update", "weights"),
+                    make_config=_make_config(_spec), run=_run(_name, _spec), options=_spec.options,
+                    family="fedavg"))
