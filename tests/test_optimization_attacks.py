@@ -49,6 +49,7 @@ def test_attack_recovers_single_image_from_noise_free_gradient(tiny, attack, con
     assert res.seconds_total > 0 and res.seconds_per_iteration > 0
 
 
+@pytest.mark.slow  # CI budget: 50 s; the sharded-blocks test checks the same equality
 def test_vmapped_attack_equals_per_target_attack(tiny):
     victim, variables, _, labels, updates = tiny
     config = O.IGConfig(iterations=20, restarts=2)
@@ -129,7 +130,7 @@ def test_driver_matches_an_unbatched_python_loop(tiny):
     np.testing.assert_allclose(res.loss[t], best_loss, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("model", ["convnet", "resnet8"])
+@pytest.mark.parametrize("model", ["convnet", pytest.param("resnet8", marks=pytest.mark.slow)])
 def test_patches_and_xla_convolutions_give_the_same_attack_objective_and_gradient(model):
     """The attacks' double backward is the same under both convolution implementations."""
     victim = get_victim(model, image_shape=(12, 12, 1), num_classes=K, width=2)

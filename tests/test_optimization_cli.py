@@ -83,6 +83,7 @@ def test_attack_idlg_on_client_batches_uses_hungarian_assignment(captures, tmp_p
     assert len(meta["metrics"]["psnr"]["values"]) == 4 and "Hungarian" in meta["note"]
 
 
+@pytest.mark.slow  # CI budget: 35 s; test_artifacts runs Mjolnir end to end with a saved denoiser
 def test_attack_mjolnir_tiny(captures, tmp_path, capsys):
     code, out, _ = _run(capsys, "attack", "mjolnir", "--captures", captures["dp"], "--out", tmp_path / "m",
                         "--iterations", "3", "--set", "train_steps=20", "--set", "denoiser=mlp", "--set", "hidden=32",
