@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -186,9 +187,7 @@ class Victim:
         Returns:
           The Flax variables dict.
         """
-        dummy = jnp.zeros((1, *self.image_shape), jnp.float32)
-        variables = jax.jit(lambda k: self.module.init(k, dummy, train=False))(key)
-        return dict(variables)
+        return dict(_jitted_init(self)(key))
 
     def abstract_variables(self) -> Variables:
         """Shapes and dtypes of :meth:`init`'s output (``jax.ShapeDtypeStruct`` leaves), no compute."""
@@ -791,3 +790,10 @@ def get_victim(
         precode=precode,
         precode_beta=precode_beta,
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_init(victim: Victim):
+    """``victim``'s initialisation, compiled once per victim and process (audits init many times)."""
+    dummy = jnp.zeros((1, *victim.image_shape), jnp.float32)
+    return jax.jit(lambda k: victim.module.init(k, dummy, train=False))
