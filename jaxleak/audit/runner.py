@@ -220,6 +220,22 @@ def score(metrics_json: Mapping[str, Any], success: Mapping[str, float]) -> dict
     return out
 
 
+def public_pool_without(truth: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(truth, pool)`` with every pool image equal to a target removed.
+
+    The attacker's public pool must not hold the private images; a dataset with one split
+    (``mnist-embedded`` serves "train" and "test" from the same 5,000 digits) would otherwise put
+    targets in the pool and inflate kappa.
+
+    >>> t = np.zeros((1, 2, 2, 1), np.float32); p = np.stack([t[0], t[0] + 0.5])
+    >>> public_pool_without(t, p)[1].shape
+    (1, 2, 2, 1)
+    """
+    private = {np.asarray(x).tobytes() for x in truth}
+    keep = np.array([np.asarray(x).tobytes() not in private for x in pool], bool)
+    return truth, pool[keep]
+
+
 def privacy(cap, truth_pool: tuple[np.ndarray, np.ndarray] | None, success: Mapping[str, float]) -> dict[str, Any]:
     """What the cell's defenses promise: epsilons, noise, the baseline kappa and the bound per criterion."""
     from jaxleak.privacy.reconstruction import baseline_kappa, bound_for_meta
@@ -322,7 +338,7 @@ def run_cell(out_dir: str, cell: Cell, *, data_dir: str | None = None, weights_d
     pool = None
     if truth is not None:
         public = _public_pool(d["dataset"], data_dir)
-        pool = (truth.reshape(-1, *cap.image_shape), np.asarray(public.images, np.float32))
+        pool = public_pool_without(truth.reshape(-1, *cap.image_shape), np.asarray(public.images, np.float32))
     result["privacy"] = privacy(cap, pool, success)
     _flag(result)
     files = {"real": "real/metrics.json"}
