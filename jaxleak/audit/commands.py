@@ -58,7 +58,7 @@ def cmd_audit_report(args) -> int:
     if not os.path.exists(os.path.join(args.dir, "audit.json")):
         raise FileNotFoundError(f"{args.dir} holds no audit.json (not an audit folder)")
     written = _report(args.dir, args.format)
-    for kind, path in written.items():
+    for path in written.values():
         print(f"wrote {path}")
     return 0
 

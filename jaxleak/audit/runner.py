@@ -62,7 +62,7 @@ def _mark_done(folder: str, payload: Mapping[str, Any] | None = None) -> None:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def is_done(folder: str) -> bool:
@@ -401,14 +401,15 @@ def write_audit_json(out_dir: str, spec: Mapping[str, Any], cells: Sequence[Cell
 
 def run_audit(spec: Mapping[str, Any], out_dir: str, *, shard_of: tuple[int, int] = (0, 1),
               data_dir: str | None = None, weights_dir: str | None = None, progress: bool = True,
-              say: Callable[[str], None] = print, argv: Sequence[str] | None = None,
-              _before_cell: Callable[[Cell], None] | None = None) -> dict[str, Any]:
+              say: Callable[[str], None] = print, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs every cell of ``spec`` in ``shard_of = (i, n)`` that is not done yet.
 
-    Failed cells record their error (``ERROR``, ``error.log``) and the run goes on.
+    Failed cells record their error (``ERROR``, ``error.log``) and the run goes on; cells that
+    another live process holds (its ``LOCK``) are skipped.
 
     Returns:
-      ``{"cells": total in the shard, "done_before", "ran", "failed": [(key, line)]}``.
+      ``{"cells": total in the shard, "done_before", "ran", "failed": [(key, line)]}``, plus
+      ``"skipped": [key]`` when cells were held elsewhere.
     """
     cells = expand(spec)
     write_audit_json(out_dir, spec, cells, argv)
@@ -423,8 +424,13 @@ def run_audit(spec: Mapping[str, Any], out_dir: str, *, shard_of: tuple[int, int
 
         bar = tqdm(total=len(todo), desc="cells", unit="cell", file=sys.stderr, dynamic_ncols=True)
     for i, cell in enumerate(todo):
-        if _before_cell is not None:
-            _before_cell(cell)
+        state, detail = cell_status(os.path.join(out_dir, "cells", cell.key))
+        if state == "running":  # another process holds it (a second run of the same shard)
+            summary.setdefault("skipped", []).append(cell.key)
+            say(f"[{i + 1}/{len(todo)}] skipped {cell.key}: running elsewhere ({detail})")
+            if bar is not None:
+                bar.update(1)
+            continue
         try:
             result = run_cell(out_dir, cell, data_dir=data_dir, weights_dir=weights_dir, progress=progress)
         except Exception as e:  # noqa: BLE001 - a failed cell is recorded and the grid goes on
@@ -469,7 +475,7 @@ def cell_status(folder: str) -> tuple[str, str]:
         except (OSError, ValueError):
             return "stale", "unreadable lock"
         started = datetime.datetime.fromisoformat(info["started"])
-        age = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
+        age = (datetime.datetime.now(datetime.UTC) - started).total_seconds()
         detail = f"pid {info['pid']} on {info['host']}, started {info['started']}"
         if info["host"] == socket.gethostname():
             return ("running" if _pid_alive(int(info["pid"])) else "stale"), detail
