@@ -63,12 +63,12 @@ def test_train_fedavg_then_capture_records_the_global_epoch(tmp_path, capsys):
     code, stdout, err = _run(capsys, "train-fedavg", "--model", "mlp", "--hidden", "8", "--n", "80", "--samples",
                              "10", "--local-batch", "5", "--local-optimizer", "sgd", "--local-lr", "0.05",
                              "--rounds", "2", "--clients-per-round", "4", "--eval-every", "1", "--eval-size", "40",
-                             "--quiet", "--out", str(run))
+                             "--quiet", "--json", "--out", str(run))
     assert code == 0, err
     last = json.loads(stdout)
     assert last["round"] == 2 and last["global_epoch"] == 1.0 and 0 <= last["test_accuracy"] <= 1
     caps = tmp_path / "caps.npz"
-    assert _run(capsys, "capture", "--model", "mlp", "--hidden", "8", "--checkpoint", str(run), "--n", "1",
+    assert _run(capsys, "capture", "--model", "mlp", "--hidden", "8", "--victim-checkpoint", str(run), "--n", "1",
                 "--protocol", "fedavg", "--samples", "10", "--local-batch", "5", "--quiet",
                 "--out", str(caps))[0] == 0
     assert load_capture(caps).protocol["global_epoch"] == 1.0
@@ -88,9 +88,16 @@ def test_attack_on_a_fedavg_capture_end_to_end(tmp_path, capsys):
                 "--protocol", "fedavg", "--samples", "2", "--local-batch", "2", "--local-optimizer", "sgd",
                 "--keep-update", "--keep-params", "--quiet", "--out", str(caps))[0] == 0
     out = tmp_path / "ig"
-    code, stdout, err = _run(capsys, "attack", "ig", "--captures", str(caps), "--out", str(out), "--iterations",
-                             "2", "--quiet", "--lpips-net", "none")
+    code, stdout, err = _run(capsys, "attack", "ig", "--capture", str(caps), "--out", str(out), "--iterations",
+                             "2", "--quiet", "--lpips-net", "none", "--null", "shuffle")
     assert code == 0, err
+    assert "NULL CONTROL (shuffle)" in stdout.splitlines()[0] and err == ""  # --quiet: no "compiling ..."
+    # 2 clients x M = 2: the grid shows the 4 Hungarian-matched pairs (12x12 shown 8x: 96 px cells), two rows
+    # and a caption line
+    from PIL import Image
+
+    width, height = Image.open(out / "grid.png").size
+    assert width > 2 + 4 * (96 + 2) and 2 + 2 * (96 + 2) < height < 2 + 2 * (96 + 2) + 30
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["protocol"]["kind"] == "fedavg" and len(metrics["metrics"]["psnr"]["values"]) == 4
     assert np.load(out / "reconstructions.npz")["images"].shape == (2, 2, 12, 12, 1)
@@ -101,12 +108,13 @@ def test_train_flow_prior_resume_and_sample(tmp_path, capsys):
     run = tmp_path / "prior"
     common = ("--batch-size", "8", "--warmup", "1", "--checkpoint-every", "1", "--quiet", "--out", str(run))
     code, out, err = _run(capsys, "train", "flow-prior", "--dataset", "mnist-embedded", "--image-size", "16",
-                          "--n", "32", "--steps", "2", *common)
+                          "--n", "32", "--steps", "2", "--json", *common)
     assert code == 0, err and json.loads(out)["step"] == 2
     code, _, err = _run(capsys, "train", "flow-prior", "--dataset", "cifar10", "--steps", "3", "--resume",
                         "--quiet", "--out", str(run))
     assert code == 2 and "drop the data flag" in err
-    code, out, err = _run(capsys, "train", "flow-prior", "--steps", "3", "--resume", "--quiet", "--out", str(run))
+    code, out, err = _run(capsys, "train", "flow-prior", "--steps", "3", "--resume", "--quiet", "--json",
+                          "--out", str(run))
     assert code == 0, err
     assert json.loads(out)["step"] == 3 and json.loads(out)["dataset"]["image_size"] == 16
     grid = tmp_path / "grid.png"

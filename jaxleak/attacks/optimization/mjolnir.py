@@ -285,7 +285,8 @@ def _update_layout(tree: PyTree) -> tuple[list[str], tuple[tuple[int, ...], ...]
 
 
 def train_denoiser(victim, variables, images: np.ndarray, labels: np.ndarray, config: MjolnirConfig,
-                   *, seed: int = 0, extra: dict[str, Any] | None = None) -> TrainedDenoiser:
+                   *, seed: int = 0, extra: dict[str, Any] | None = None,
+                   progress: bool = False) -> TrainedDenoiser:
     """Trains the denoiser on clean single-example gradients of ``images``.
 
     Args:
@@ -296,6 +297,7 @@ def train_denoiser(victim, variables, images: np.ndarray, labels: np.ndarray, co
       config: the denoiser's architecture, DDPM and training settings.
       seed: initialisation and training noise.
       extra: JSON description stored with it (e.g. the auxiliary data).
+      progress: a tqdm bar over the training steps.
 
     Returns:
       A :class:`TrainedDenoiser` (the gradients are divided by their RMS
@@ -317,7 +319,7 @@ def train_denoiser(victim, variables, images: np.ndarray, labels: np.ndarray, co
     paths, shapes = _update_layout(jax.tree_util.tree_map(lambda a: a[0], grads))
     clean = jax.vmap(flatten_update)(grads)
     scale = float(jnp.sqrt(jnp.mean(clean**2))) or 1.0
-    params, loss = fit_denoiser(clean / scale, config, seed=seed)
+    params, loss = fit_denoiser(clean / scale, config, seed=seed, progress=progress)
     description = {"seed": int(seed), "update_paths": paths,
                    "victim_weights": tree_digest(variables),
                    "train_images": int(np.shape(images)[0]), **(extra or {})}
@@ -326,8 +328,12 @@ def train_denoiser(victim, variables, images: np.ndarray, labels: np.ndarray, co
                            loss=loss, extra=description)
 
 
-def fit_denoiser(data: Float[Array, "n p"], config: MjolnirConfig, *, seed: int = 0) -> tuple[PyTree, float]:
+def fit_denoiser(data: Float[Array, "n p"], config: MjolnirConfig, *, seed: int = 0,
+                 progress: bool = False) -> tuple[PyTree, float]:
     """Trains the configured denoiser (epsilon prediction, Adam) on the rows of ``data``.
+
+    All steps run in one compiled ``lax.scan``; with ``progress`` each step also ticks a
+    tqdm bar from the host (a debug callback: the trained weights are the same either way).
 
     Returns:
       ``(params, mean loss of the last 100 steps)``.
@@ -344,6 +350,11 @@ def fit_denoiser(data: Float[Array, "n p"], config: MjolnirConfig, *, seed: int 
         pred = net.apply(p, xt, t.astype(jnp.float32))  # batched, not vmapped (see UNetDenoiser)
         return jnp.mean((pred - eps) ** 2)
 
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.train_steps, desc="mjolnir denoiser", unit="step", disable=not progress,
+               leave=False)
+
     def step(carry, k):
         p, s = carry
         k1, k2, k3 = jax.random.split(k, 3)
@@ -352,11 +363,15 @@ def fit_denoiser(data: Float[Array, "n p"], config: MjolnirConfig, *, seed: int 
         eps = jax.random.normal(k3, (config.train_batch, dim))
         loss, g = jax.value_and_grad(loss_fn)(p, data[idx], t, eps)
         u, s = opt.update(g, s, p)
+        if progress:  # decided at trace time: without a bar the compiled loop has no callback
+            jax.debug.callback(lambda: bar.update(1))
         return (optax.apply_updates(p, u), s), loss
 
     keys = jax.random.split(jax.random.fold_in(key, 1), config.train_steps)
     (params, _), losses = jax.jit(lambda c, ks: jax.lax.scan(step, c, ks))((params, opt.init(params)), keys)
-    return params, float(jnp.mean(losses[-min(100, config.train_steps):]))
+    loss = float(jnp.mean(losses[-min(100, config.train_steps):]))  # waits for every step (and tick)
+    bar.close()
+    return params, loss
 
 
 @functools.lru_cache(maxsize=8)
@@ -512,7 +527,7 @@ def _aux_description(config: MjolnirConfig) -> str:
 def train_mjolnir_denoiser(victim, variables, *, out: str | Path,
                            overrides: dict[str, Any] | None = None, seed: int = 0,
                            force: bool = False, data_dir: str | None = None,
-                           download: bool = False) -> dict[str, Any]:
+                           download: bool = False, progress: bool = False) -> dict[str, Any]:
     """Trains Mjolnir's denoiser once for a victim and saves it (``jaxleak train mjolnir``).
 
     Args:
@@ -524,6 +539,7 @@ def train_mjolnir_denoiser(victim, variables, *, out: str | Path,
       seed: initialisation and training noise.
       force: replace an existing denoiser at ``out``.
       data_dir, download: where the auxiliary dataset is (see :func:`jaxleak.data.load_dataset`).
+      progress: a tqdm bar over the training steps.
 
     Returns:
       A JSON-ready summary (folder, kind, dimension, loss, gradient scale, auxiliary data).
@@ -538,7 +554,7 @@ def train_mjolnir_denoiser(victim, variables, *, out: str | Path,
     out = check_target(out, force=force)
     images, labels = aux_images(config, victim.image_shape, data_dir=data_dir, download=download)
     trained = train_denoiser(victim, variables, images, labels % victim.num_classes, config,
-                             seed=seed, extra={"aux": _aux_description(config)})
+                             seed=seed, extra={"aux": _aux_description(config)}, progress=progress)
     path = save_denoiser(out, trained, force=force)
     return {"denoiser": str(path), "kind": ARTIFACT_KIND, "dim": trained.dim,
             "denoiser_loss": trained.loss if math.isfinite(trained.loss) else None,
@@ -591,7 +607,7 @@ def reconstruct_capture(cap, victim, variables, updates: PyTree, *, overrides: d
         images, labels = aux_images(config, cap.image_shape)
         labels = labels % victim.num_classes
         trained = train_denoiser(victim, variables, images, labels, config, seed=seed,
-                                 extra={"aux": _aux_description(config)})
+                                 extra={"aux": _aux_description(config)}, progress=progress)
         origin = IN_CALL_NOTE
     else:
         if isinstance(source, TrainedDenoiser):
