@@ -287,7 +287,7 @@ def test_every_present_fedavg_attack_is_registered_with_its_needs():
 def test_attack_sme_and_fm_on_a_fedavg_capture(fedavg_files, tmp_path, capsys):
     code, out, err = _run(capsys, "attack", "sme", "--captures", fedavg_files["caps"],
                           "--out", tmp_path / "sme",
-                          "--iterations", "20", "--lpips-net", "none", "--quiet")
+                          "--iterations", "20", "--lpips-net", "none", "--quiet", "--json")
     assert code == 0, err
     meta = json.loads((tmp_path / "sme" / "metrics.json").read_text())
     assert meta["attack"] == "sme" and meta["config"]["iterations"] == 20 and meta["config"]["tv"] == 0.01

@@ -45,7 +45,7 @@ def test_attack_ig_then_null_control(captures, tmp_path, capsys):
                      for n in ("alexnet_features_torchvision.npz", "lpips_v0.1_lin_alex.npz"))
     code, out, _ = _run(capsys, "attack", "ig", "--captures", captures["clean"], "--out", tmp_path / "ig",
                         "--iterations", "200", "--weights-dir", WEIGHTS_ROOT if have_lpips else tmp_path / "none",
-                        "--quiet")
+                        "--quiet", "--json")
     assert code == 0
     summary = json.loads(out)
     assert summary["means"]["psnr"] > 30 and summary["means"]["label_correct"] == 1.0
@@ -65,7 +65,7 @@ def test_attack_ig_then_null_control(captures, tmp_path, capsys):
         assert "lpips_alex" not in summary["means"] and "lpips not computed" in meta["note"]
 
     code, out, _ = _run(capsys, "attack", "ig", "--captures", captures["clean"], "--out", tmp_path / "null",
-                        "--iterations", "200", "--null", "shuffle", "--conv-impl", "xla", "--quiet")
+                        "--iterations", "200", "--null", "shuffle", "--conv-impl", "xla", "--quiet", "--json")
     assert code == 0
     null = json.loads(out)
     assert null["null_control"] == "shuffle" and null["means"]["psnr"] < summary["means"]["psnr"] - 15

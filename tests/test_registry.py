@@ -66,7 +66,7 @@ def test_needs_are_checked_up_front_with_one_line(tiny, tmp_path):
         run_attack("venom", pairs, out_dir=str(tmp_path / "b"), artifact="somewhere")
     with pytest.raises(AttackInputError, match="trained network"):
         run_attack("fgla", head, out_dir=str(tmp_path / "c"))
-    with pytest.raises(AttackInputError, match="takes no --checkpoint"):
+    with pytest.raises(AttackInputError, match="takes no --artifact"):
         run_attack("spe", head, out_dir=str(tmp_path / "d"), artifact="x")
     with pytest.raises(AttackInputError, match="setting tv must be a finite number, got 'abc'"):
         run_attack("ig", whole, out_dir=str(tmp_path / "e"), overrides={"tv": "abc"})

@@ -29,7 +29,7 @@ NEEDS: dict[str, str] = {
                "that still exists)",
     "single": "one image per client (M = 1; capture with --samples 1)",
     "fedsgd": "a FedSGD capture (--protocol fedsgd): the update is one gradient",
-    "artifact": "a trained network (--checkpoint DIR from `jaxleak train`)",
+    "artifact": "a trained network (--artifact DIR from `jaxleak train`)",
 }
 """What an attack may need beyond the attacked layer's update, which every capture holds."""
 
@@ -208,7 +208,7 @@ def check_needs(attack: Attack, capture, *, artifact: str | None = None, weights
         raise AttackInputError(f"attack {attack.name} needs {NEEDS[missing[0]]}"
                                + (f" (also: {', '.join(missing[1:])})" if len(missing) > 1 else ""))
     if artifact and "artifact" not in attack.needs:
-        raise AttackInputError(f"attack {attack.name} takes no --checkpoint (it has no trained network)")
+        raise AttackInputError(f"attack {attack.name} takes no --artifact (it has no trained network)")
 
 
 def _load_builtins() -> None:

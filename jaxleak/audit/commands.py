@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -71,9 +70,8 @@ def add_audit_parsers(sub) -> None:
                                    "skips done cells), `status` says where it stands, `report` writes the "
                                    "HTML / Markdown / JSON report.")
     asub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
 
-    q = asub.add_parser("run", help="run (or resume) an audit", formatter_class=fmt,
+    q = asub.add_parser("run", help="run (or resume) an audit",
                         description="Runs every cell not done yet; a failed cell records its error and the "
                                     "run goes on (exit 1 at the end). Writes the report when done.")
     q.add_argument("audit", help="the audit file (TOML; see docs/audit.md)")
@@ -89,12 +87,12 @@ def add_audit_parsers(sub) -> None:
     q.add_argument("--quiet", action="store_true", help="no progress bars or per-cell lines")
     q.set_defaults(func=cmd_audit_run)
 
-    q = asub.add_parser("status", help="what is done, running, stale, failed or missing", formatter_class=fmt)
+    q = asub.add_parser("status", help="what is done, running, stale, failed or missing")
     q.add_argument("dir", help="audit folder")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.set_defaults(func=cmd_audit_status)
 
-    q = asub.add_parser("report", help="write the audit's report (HTML, Markdown, JSON)", formatter_class=fmt)
+    q = asub.add_parser("report", help="write the audit's report (HTML, Markdown, JSON)")
     q.add_argument("dir", help="audit folder")
     q.add_argument("--format", nargs="+", choices=("html", "md", "json"), default=["html", "md", "json"])
     q.set_defaults(func=cmd_audit_report)
