@@ -36,8 +36,12 @@ def test_audit_run_status_report_and_rerun(tmp_path, capsys):
     assert code == 0, err
     for name in ("report.html", "report.md", "report.json"):
         assert (out_dir / "report" / name).is_file()
-    report = json.loads((out_dir / "report" / "report.json").read_text())
-    assert len(json.loads((out_dir / "audit.json").read_text())["cells"]) == 2 and report
+    keys = json.loads((out_dir / "audit.json").read_text())["cells"]
+    assert len(keys) == 2
+    markdown, html = ((out_dir / "report" / name).read_text() for name in ("report.md", "report.html"))
+    assert all(key in markdown and key in html for key in keys)  # the report holds every cell
+    assert "data:image/png;base64," in html
+    json.loads((out_dir / "report" / "report.json").read_text())
 
     code, out, _ = run(capsys, "audit", "status", str(out_dir))
     assert code == 0 and "2 done" in out.splitlines()[-1]
