@@ -140,3 +140,39 @@ def test_status_reports_stale_and_missing_cells(tmp_path):
     assert states == {cells[0].key: "stale", cells[1].key: "missing", cells[2].key: "missing"}
     with pytest.raises(FileNotFoundError, match="holds no audit.json"):
         runner.audit_status(str(tmp_path))
+
+
+def test_a_victim_after_global_epoch_e_of_a_fedavg_run(tmp_path):
+    """``global_epoch = E`` loads the kept round that reached epoch E, not the run's last."""
+    import jax
+
+    from jaxleak.audit.grid import AuditSpecError
+    from jaxleak.audit.workflow import build_victim, load_data, victim_from_capture
+    from jaxleak.capture import load_capture
+    from jaxleak.protocols import Protocol
+    from jaxleak.protocols.server import FedAvgTraining, train_fedavg
+
+    data = load_data("mnist-embedded", split="train", n=16, seed=3)
+    victim, w0, _ = build_victim("mlp", dataset=data, hidden=[8])
+    config = FedAvgTraining(rounds=4, clients_per_round=2, samples=4, num_clients=4,
+                            protocol=Protocol(kind="fedavg", lr=0.01, optimizer="sgd"))  # an epoch = 2 rounds
+    run = tmp_path / "run"
+    final, _ = train_fedavg(victim, w0, data.images, data.labels, config=config, out=run, checkpoint_every=2,
+                            keep=4, progress=False)
+    raw = {**RAW, "clients": 2, "defenses": ["none"], "exclude": [], "null": "none", "attacks": [{"name": "spe"}],
+           "victims": [{"model": "mlp", "hidden": [8], "layer": "first", "checkpoint": str(run), "global_epoch": 1},
+                       {"model": "mlp", "hidden": [8], "layer": "first", "checkpoint": str(run), "label": "last"}]}
+    out = str(tmp_path / "a")
+    runner.run_audit(parse_audit(raw, source="t.toml"), out, progress=False, say=lambda *_: None)
+    at_epoch_1, last = (load_capture(os.path.join(out, "captures", c.capture_key, "capture.npz"))
+                        for c in expand(parse_audit(raw, source="t.toml")))
+    assert at_epoch_1.meta["checkpoint_round"] == 2 and at_epoch_1.protocol["global_epoch"] == 1
+    assert last.protocol["global_epoch"] == 2.0 and "checkpoint_round" not in last.meta
+    leaves = jax.tree_util.tree_leaves
+    w_last, w_1 = (victim_from_capture(cap)[1] for cap in (last, at_epoch_1))
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(w_last), leaves(final), strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(leaves(w_1), leaves(w_last), strict=True))
+    with pytest.raises(AuditSpecError, match=r"victims\[0\].global_epoch: .* stops at global epoch 2"):
+        parse_audit({**raw, "victims": [{"model": "mlp", "checkpoint": str(run), "global_epoch": 3}]}, source="t")
+    with pytest.raises(AuditSpecError, match=r"victims\[0\].global_epoch: needs checkpoint"):
+        parse_audit({**raw, "victims": [{"model": "mlp", "global_epoch": 1}]}, source="t")

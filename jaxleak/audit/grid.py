@@ -108,6 +108,7 @@ VICTIM = {
     "layer": (_STR, "head"),
     "init_seed": (_int_at_least(0), 0),
     "checkpoint": (_OPT_STR, None),
+    "global_epoch": ((lambda v: v is None or (_is_number(v) and v > 0), "a number > 0"), None),
     "width": (_OPT_POS_INT, None),
     "hidden": ((lambda v: v is None or (isinstance(v, list) and v and all(_is_int(h) and h >= 1 for h in v)),
                 "a non-empty list of integers >= 1"), None),
@@ -209,8 +210,17 @@ def parse_audit(raw: Mapping[str, Any], *, source: str = "audit") -> dict[str, A
             _fail(source, f"victims[{i}].model", f"unknown model {v['model']!r}; known: {', '.join(VICTIMS)}")
         if v["checkpoint"] is not None and not os.path.exists(v["checkpoint"]):
             _fail(source, f"victims[{i}].checkpoint", f"{v['checkpoint']} does not exist")
-    _unique_labels(spec["victims"], lambda v: v["model"] + ("" if v["layer"] == "head" else f"@{v['layer']}"),
-                   source, "victims")
+        if v["global_epoch"] is not None:
+            if v["checkpoint"] is None:
+                _fail(source, f"victims[{i}].global_epoch", "needs checkpoint = a `jaxleak train-fedavg` run folder")
+            from jaxleak.protocols.server import round_at_epoch
+
+            try:
+                round_at_epoch(v["checkpoint"], v["global_epoch"])
+            except (ValueError, OSError) as e:
+                _fail(source, f"victims[{i}].global_epoch", str(e).splitlines()[0])
+    _unique_labels(spec["victims"], lambda v: v["model"] + ("" if v["layer"] == "head" else f"@{v['layer']}")
+                   + ("" if v["global_epoch"] is None else f"-epoch{v['global_epoch']:g}"), source, "victims")
 
     spec["protocols"] = [_table(p, PROTOCOL, source, f"protocols[{i}]") for i, p in enumerate(spec["protocols"])]
     for i, p in enumerate(spec["protocols"]):

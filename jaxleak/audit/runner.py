@@ -135,11 +135,13 @@ def build_capture(description: Mapping[str, Any], *, data_dir: str | None = None
     data = _clients_data(d, description["clients"], description["seed"], data_dir)
     victim, variables, vmeta = build_victim(v["model"], dataset=data, width=v["width"], hidden=v["hidden"],
                                             precode=v["precode"], checkpoint=v["checkpoint"],
-                                            init_seed=v["init_seed"])
+                                            init_seed=v["init_seed"], global_epoch=v["global_epoch"])
     if v["layer"] not in victim.layers:
         raise ValueError(f"victim {v['model']} has no dense layer {v['layer']!r}; it has {sorted(victim.layers)}")
     protocol = _protocol(description["protocol"])
-    if v["checkpoint"] and protocol.global_epoch is None:
+    if v["global_epoch"] is not None:  # the weights at that epoch of a `jaxleak train-fedavg` run
+        protocol = dataclasses.replace(protocol, global_epoch=v["global_epoch"])
+    elif v["checkpoint"] and protocol.global_epoch is None:
         from jaxleak.protocols.server import HISTORY_FILE
 
         history = os.path.join(v["checkpoint"], HISTORY_FILE)

@@ -54,11 +54,12 @@ def make_victim(model: str, *, image_shape, num_classes: int, options: dict[str,
 
 def build_victim(model: str, *, dataset=None, image_shape=None, num_classes: int | None = None,
                  width: int | None = None, hidden: Sequence[int] | None = None, precode: int | None = None,
-                 checkpoint: str | None = None, init_seed: int = 0):
+                 checkpoint: str | None = None, init_seed: int = 0, global_epoch: float | None = None):
     """Builds the victim and its variables; returns ``(victim, variables, meta)``.
 
-    Variables come from ``checkpoint`` (``jaxleak train-victim``) when given,
-    otherwise from the victim's initialisation with ``init_seed``.
+    Variables come from ``checkpoint`` (``jaxleak train-victim``, or a ``jaxleak train-fedavg``
+    run: its last round, or with ``global_epoch`` the kept round that reached that epoch) when
+    given, otherwise from the victim's initialisation with ``init_seed``.
     """
     if dataset is not None:
         image_shape = dataset.images.shape[1:]
@@ -71,7 +72,13 @@ def build_victim(model: str, *, dataset=None, image_shape=None, num_classes: int
     if checkpoint:
         from jaxleak.models import load_variables
 
-        variables, _ = load_variables(checkpoint, victim)
+        step = None
+        if global_epoch is not None:
+            from jaxleak.protocols.server import round_at_epoch
+
+            step = round_at_epoch(checkpoint, global_epoch)
+            meta.update(checkpoint_round=step, global_epoch=global_epoch)
+        variables, _ = load_variables(checkpoint, victim, step=step)
         meta.update(checkpoint=os.path.abspath(checkpoint), init_seed=None)
     else:
         variables = victim.init(jax.random.PRNGKey(init_seed))
@@ -113,7 +120,7 @@ def victim_from_capture(cap: Capture):
     if meta.get("checkpoint") and os.path.exists(meta["checkpoint"]):
         from jaxleak.models import load_variables
 
-        return victim, load_variables(meta["checkpoint"], victim)[0]
+        return victim, load_variables(meta["checkpoint"], victim, step=meta.get("checkpoint_round"))[0]
     if meta.get("init_seed") is not None:
         return victim, victim.init(jax.random.PRNGKey(int(meta["init_seed"])))
     return None

@@ -305,13 +305,15 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return {**info.extra, **info.config}
 
 
-def load_variables(path: str | Path, victim: Victim) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_variables(path: str | Path, victim: Victim, *, step: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Loads variables saved by :func:`save_variables` into ``victim``'s structure.
 
     Args:
       path: checkpoint directory.
       victim: the model they are for; its name, image shape, class count and
         options must equal the stored ones.
+      step: a training run's saved step (e.g. a ``train_fedavg`` round; default: the final
+        arrays, else the latest step).
 
     Returns:
       ``(variables, metadata)``.
@@ -331,5 +333,5 @@ def load_variables(path: str | Path, victim: Victim) -> tuple[dict[str, Any], di
         raise artifacts.ArtifactError(
             f"checkpoint {Path(path)} was saved for a different model: " + "; ".join(differences)
         )
-    variables = artifacts.load_artifact(path, kind=KIND, target=victim.abstract_variables()).tree
+    variables = artifacts.load_artifact(path, kind=KIND, target=victim.abstract_variables(), step=step).tree
     return dict(variables), metadata

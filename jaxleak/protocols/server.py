@@ -46,6 +46,38 @@ HISTORY_FILE = "history.json"
 _LOSS_TAG = 0x1055  # fold_in tag of the key a stochastic victim's reported training loss draws from
 
 
+def round_at_epoch(run_dir: str | os.PathLike, epoch: float) -> int:
+    """The saved round of a ``train_fedavg`` run folder at which global epoch ``epoch`` was reached.
+
+    That is the first round whose ``global_epoch`` (``history.json``) is at least ``epoch``;
+    it must be one of the checkpoints the run kept (``keep`` / ``checkpoint_every``).
+
+    Raises:
+      ValueError: not a run folder, the run never reached ``epoch``, or that round was not kept
+        (the message lists the epochs that were).
+    """
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        raise ValueError(f"{run_dir} holds no {HISTORY_FILE}: not a `jaxleak train-fedavg` run")
+    with open(path, encoding="utf-8") as f:
+        history = json.load(f).get("history") or []
+    reached = [h for h in history if h["global_epoch"] >= epoch - 1e-9]
+    if not reached:
+        last = history[-1]["global_epoch"] if history else 0
+        raise ValueError(f"{run_dir} stops at global epoch {last:g}, before {epoch:g}")
+    from jaxleak import artifacts
+
+    steps = Path(run_dir) / artifacts.STEPS_DIR
+    kept = sorted(int(p.name) for p in steps.iterdir() if p.name.isdigit()) if steps.is_dir() else []
+    epoch_of = {h["round"]: h["global_epoch"] for h in history}
+    target = reached[0]["round"]
+    if target not in kept:
+        have = ", ".join(f"{epoch_of.get(r, float('nan')):g} (round {r})" for r in kept) or "none"
+        raise ValueError(f"{run_dir}: global epoch {epoch:g} is round {target}, which was not kept; kept: {have} "
+                         f"(train with --checkpoint-every / --keep to keep it)")
+    return target
+
+
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
