@@ -176,6 +176,7 @@ def test_the_driver_lowers_the_matching_loss_with_a_unet_prior():
     assert after <= 0.5 * start, (start, after)
 
 
+@pytest.mark.slow  # 43 s of CI time (2 cores); run with -m slow
 def test_a_known_flow_recovers_the_image_in_a_noise_free_toy_case():
     """One Euler step of the velocity ``v(x, t) = tanh(x) - x`` maps noise ``z`` to ``tanh(z)``, so the
     generator is ``G(z) = sigmoid(2 z)``: onto (0, 1), invertible, never clipped. Matching one image's

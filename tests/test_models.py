@@ -440,7 +440,8 @@ def test_load_resolves_partially_stored_options(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name, width", [pytest.param("lenet-dlg", None, marks=pytest.mark.slow), ("lenet-venom", None), ("convnet", 2),
+    "name, width", [pytest.param("lenet-dlg", None, marks=pytest.mark.slow), ("lenet-venom", None),
+                     pytest.param("convnet", 2, marks=pytest.mark.slow),
                      pytest.param("resnet8", 2, marks=pytest.mark.slow)]
 )
 def test_patches_convolution_matches_xla_with_the_same_parameters(name, width):
