@@ -286,11 +286,12 @@ def test_every_present_fedavg_attack_is_registered_with_its_needs():
 
 def test_attack_sme_and_fm_on_a_fedavg_capture(fedavg_files, tmp_path, capsys):
     code, out, err = _run(capsys, "attack", "sme", "--captures", fedavg_files["caps"],
-                          "--out", tmp_path / "sme",
+                          "--out", tmp_path / "sme", "--space", "normalized",  # SME's default is pixel
                           "--iterations", "20", "--lpips-net", "none", "--quiet", "--json")
     assert code == 0, err
     meta = json.loads((tmp_path / "sme" / "metrics.json").read_text())
     assert meta["attack"] == "sme" and meta["config"]["iterations"] == 20 and meta["config"]["tv"] == 0.01
+    assert meta["config"]["space"] == "normalized"
     assert meta["attack_protocol"]["kind"] == "fedavg" and meta["attack_protocol"]["optimizer"] == "sgd"
     assert meta["labels"] == "known" and meta["prior"] is None and meta["normalization"]["std"] == [
         pytest.approx(0.3081)]
