@@ -180,7 +180,8 @@ def setup(args, attack: str, targets: int):
     labels = (jnp.arange(targets * m).reshape(targets, m) * 7) % 10
     client = jax.jit(jax.vmap(lambda x, y, k: local_update(victim, w0, x, y, k, protocol=protocol).update))
     updates = client(images, labels, jax.random.split(jax.random.key(2), targets))
-    common = {"iterations": args.budget}
+    # The PyTorch side optimises SME's normalised images (SME's code); SME's library default is pixel space.
+    common = {"iterations": args.budget, "space": "normalized"}
     config = SMEConfig(**common) if attack == "sme" else FMConfig(
         **common, prior="unused", lambda_fm=args.lambda_fm, tv=args.tv_fm, tau_start=args.tau[0],
         tau_end=args.tau[1], fm_scale=args.fm_scale)
