@@ -386,14 +386,23 @@ def _summary_from_disk(out: Path) -> dict[str, Any]:
     return {"means": means, "cost": meta.get("cost"), "timing": meta.get("timing"), "out": str(out)}
 
 
-def _finished_with(path: Path, overrides: Mapping[str, Any]) -> bool:
-    """Whether ``path`` (a ``metrics.json``) exists and its run used every value of ``overrides``."""
+def _finished_with(path: Path, attack: str, overrides: Mapping[str, Any]) -> bool:
+    """Whether ``path`` (a ``metrics.json``) exists and its run used the whole config ``attack`` would use now.
+
+    The whole config, not only ``overrides``: a changed library default (e.g. SME's image space)
+    must not let an old cell pass for a new one.
+    """
+    import dataclasses
+
+    from jaxleak.attacks.registry import get_attack
+
     if not path.exists():
         return False
+    want = json.loads(json.dumps(dataclasses.asdict(get_attack(attack).config(dict(overrides))), default=str))
     config = json.loads(path.read_text()).get("config") or {}
     same = lambda a, b: a == b or (isinstance(a, int | float) and isinstance(b, int | float)
                                    and math.isclose(a, b, rel_tol=1e-9))
-    return all(k in config and same(config[k], v) for k, v in overrides.items() if k != "prior")
+    return all(k in config and same(config[k], v) for k, v in want.items() if k != "prior")
 
 
 def run_cell(attack: str, cap, out: Path, *, overrides: Mapping[str, Any], options: Mapping[str, Any],
@@ -408,7 +417,7 @@ def run_cell(attack: str, cap, out: Path, *, overrides: Mapping[str, Any], optio
     rows = {}
     for kind in (None, "shuffle") if null else (None,):
         path = out / (attack + ("-null" if kind else ""))
-        if force or not _finished_with(path / "metrics.json", overrides):
+        if force or not _finished_with(path / "metrics.json", attack, overrides):
             summary = audit.run_attack(attack, cap, out_dir=str(path), overrides=dict(overrides),
                                        options=dict(options), null=kind, seed=seed, force=True)
         else:
