@@ -795,5 +795,7 @@ def get_victim(
 @functools.lru_cache(maxsize=64)
 def _jitted_init(victim: Victim):
     """``victim``'s initialisation, compiled once per victim and process (audits init many times)."""
-    dummy = jnp.zeros((1, *victim.image_shape), jnp.float32)
-    return jax.jit(lambda k: victim.module.init(k, dummy, train=False))
+    # The dummy batch is made inside the jitted function: made here, under an outer trace (e.g.
+    # ``abstract_variables``' eval_shape), it would be a tracer captured by the cached closure.
+    shape = (1, *victim.image_shape)
+    return jax.jit(lambda k: victim.module.init(k, jnp.zeros(shape, jnp.float32), train=False))
