@@ -150,6 +150,7 @@ _TINY_NET = ("--base-width", "8", "--multipliers", "1", "2", "--resnet-blocks", 
              "--attention-heads", "1", "--attention-head-dim", "8")
 
 
+@pytest.mark.slow  # ~110 s of CI time on 2 cores (two UNet compilations); run with -m slow
 def test_train_venom_then_attack_end_to_end(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     code, out, err = _run(capsys, "train", "venom", "--aux-dataset", "mnist-embedded", "--aux-split", "train",

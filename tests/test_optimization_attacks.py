@@ -90,6 +90,7 @@ print(json.dumps({"images": float(np.abs(one.images - both.images).max()),
 """
 
 
+@pytest.mark.slow  # ~35 s of CI time on 2 cores (a subprocess with forced host devices); run with -m slow
 def test_blocks_are_sharded_across_devices_with_the_same_results():
     """Two forced host devices share each vmapped block (3 targets padded to 4); results unchanged."""
     import json
