@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxleak._provenance import cpu_model, machine  # noqa: F401 (cpu_model: speed.py prints it)
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_PRIOR = "tinyimagenet32-small"
 """The shipped flow prior (``jaxleak.priors.load``); ``--prior DIR`` or ``--prior random`` replace it."""
@@ -62,17 +64,6 @@ PRIOR_ATTACKS = ("fm", "flow-latent")
 # --------------------------------------------------------------------------- provenance and output
 
 
-def cpu_model() -> str | None:
-    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else ``None``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def provenance(script: str, argv: Sequence[str] | None) -> dict[str, Any]:
     """The command, the UTC date and the machine (CPU, core count, JAX backend and versions)."""
     import jax
@@ -81,10 +72,7 @@ def provenance(script: str, argv: Sequence[str] | None) -> dict[str, Any]:
     return {
         "command": " ".join(["python", f"experiments/flow_matching/{script}", *args]),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
-                    "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax.devices()],
-                    "nice": os.nice(0)},
+        "machine": machine(),
         "versions": {"python": platform.python_version(), "jax": jax.__version__, "numpy": np.__version__},
     }
 

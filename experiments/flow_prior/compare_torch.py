@@ -75,6 +75,7 @@ import jax
 import numpy as np
 import optax
 
+from jaxleak._provenance import machine
 from jaxleak.priors import TrainConfig, UNetConfig, count_params, make_train_step, preset
 from jaxleak.priors.flow import init_state
 from jaxleak.priors.unet import abstract_params, make_unet
@@ -476,24 +477,6 @@ def format_table(rows: list[dict]) -> str:
                      f"| {r['steps_per_s']:.3f} | {r['images_per_s']:.1f} "
                      f"| {r['speedup_jaxleak_over_this']:.2f} |")
     return "\n".join(lines)
-
-
-def cpu_model() -> str | None:
-    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else ``None``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
-def machine() -> dict[str, Any]:
-    """Processor, platform, CPU count and JAX devices of this machine."""
-    return {"processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
-            "platform": platform.platform(), "cpu_count": os.cpu_count(),
-            "jax_devices": [str(d) for d in jax.devices()]}
 
 
 def versions() -> dict[str, str]:

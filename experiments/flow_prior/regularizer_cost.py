@@ -42,18 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxleak._provenance import machine
 from jaxleak.priors import count_params, init_params, preset, velocity_norm
-
-
-def cpu_model() -> str | None:
-    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else ``None``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def cost_entry(compiled: Any, name: str) -> float:
@@ -164,9 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             "what": "flow-prior regulariser cost: value and d/dx of mean ||v(x, t)||^2, per image",
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "command": command,
-            "machine": {"processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
-                        "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                        "jax_devices": [str(d) for d in jax.devices()]},
+            "machine": machine(),
             "versions": {"python": platform.python_version(), "jax": jax.__version__,
                          "jaxlib": jaxlib.__version__, "numpy": np.__version__},
             "settings": {"presets": presets, "batch_sizes": batch_sizes, "repeats": repeats, "t": args.t,

@@ -80,20 +80,13 @@ def provenance(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Command, date, machine and versions, so that every number can be regenerated."""
     import jax
 
+    from jaxleak._provenance import machine
     from jaxleak._version import __version__
 
-    cpu = None
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        pass
     return {
         "command": " ".join(["jaxleak", *(argv if argv is not None else sys.argv[1:])]),
         "date": _now(),
-        "machine": {"host": socket.gethostname(), "platform": platform.platform(), "cpu": cpu,
-                    "cores": os.cpu_count(), "backend": jax.default_backend(),
-                    "devices": [str(d) for d in jax.devices()]},
+        "machine": {"host": socket.gethostname(), **machine()},
         "versions": {"jaxleak": __version__, "jax": jax.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
     }
