@@ -25,6 +25,10 @@ def test_defaults_are_filled_in():
     ({"attacks": [{"name": "ig", "config": {"iterations": "many"}}]}, "attacks[0].config"),
     ({"attacks": [{"name": "ig", "config": {"no_such": 1}}]}, "attacks[0].config: ig has no setting 'no_such'"),
     ({"attacks": [{"name": "venom"}]}, "attacks[0].artifact: attack venom needs a trained network"),
+    ({"attacks": [{"name": "sme", "options": {"chunks": 10}}]},
+     "attacks[0].options.chunks: unknown option of sme; allowed: chunk, target_batch"),
+    ({"attacks": [{"name": "spe", "options": {"chunk": 10}}]},
+     "attacks[0].options.chunk: unknown option of spe; allowed: sigma2, chunk_size"),
     ({"attacks": [{"name": "spe"}, {"name": "spe"}]}, "attacks[1].label"),
     ({"victims": [{"model": "lenet9"}]}, "victims[0].model: unknown model 'lenet9'"),
     ({"victims": [{"model": "mlp", "wdith": 3}]}, "victims[0].wdith: unknown key"),
@@ -51,6 +55,13 @@ def test_malformed_audits_are_rejected_naming_the_key(raw, where):
         spec(**raw)
     message = str(e.value)
     assert message.startswith("a.toml: ") and where in message and "\n" not in message
+
+
+def test_known_attack_options_are_kept():
+    s = spec(attacks=[{"name": "sme", "options": {"chunk": 50, "batching": "map"}},
+                      {"name": "spe", "options": {"sigma2": "mechanism"}}])
+    assert s["attacks"][0]["options"] == {"chunk": 50, "batching": "map"}
+    assert s["attacks"][1]["options"] == {"sigma2": "mechanism"}
 
 
 def test_bad_toml_and_file_errors(tmp_path):

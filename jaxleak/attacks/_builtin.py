@@ -16,7 +16,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxleak.attacks.registry import Attack, AttackInputError, AttackOutput, Context, Option, register
+from jaxleak.attacks.registry import (
+    DRIVER_OPTIONS,
+    Attack,
+    AttackInputError,
+    AttackOutput,
+    Context,
+    Option,
+    register,
+)
 
 
 def _json_ready(value):
@@ -247,8 +255,6 @@ for _variant, _summary in _RECOVERY_SUMMARY.items():
 # --------------------------------------------------------------------------- optimisation attacks
 
 
-_DRIVER_OPTIONS = ("chunk", "target_batch", "patience", "min_delta", "batching", "unroll", "conv_impl",
-                   "devices")
 
 
 def _optimization(attack: str):
@@ -261,7 +267,7 @@ def _optimization(attack: str):
         opt.check_updates(victim, variables, updates)
         batch = cap.samples
         true_labels = None if cap.truth_labels is None else np.asarray(cap.truth_labels).reshape(cap.n, batch)
-        driver = {k: ctx.options[k] for k in _DRIVER_OPTIONS if ctx.options.get(k) is not None}
+        driver = {k: ctx.options[k] for k in DRIVER_OPTIONS if ctx.options.get(k) is not None}
         extra: dict[str, Any] = {}
         if attack == "mjolnir":
             from jaxleak.attacks.optimization import mjolnir

@@ -165,6 +165,23 @@ def _coerce(attack: str, key: str, value: Any, default: Any) -> Any:
 _REGISTRY: dict[str, Attack] = {}
 
 
+DRIVER_OPTIONS = ("chunk", "target_batch", "patience", "min_delta", "batching", "unroll", "conv_impl", "devices")
+"""Run options every optimisation and FedAvg attack takes (:class:`jaxleak.attacks.optimization.RunOptions`
+fields and the convolution choice); none of them changes the attack's result."""
+
+
+def context_options(attack: Attack) -> tuple[str, ...]:
+    """The keys ``attack`` reads from :attr:`Context.options` (its own options, then the driver's).
+
+    >>> context_options(get_attack("spe"))
+    ('sigma2', 'chunk_size')
+    >>> "chunk" in context_options(get_attack("sme"))
+    True
+    """
+    own = tuple(o.dest for o in attack.options if o.target == "context")
+    return own + (DRIVER_OPTIONS if attack.family in ("optimization", "fedavg") else ())
+
+
 def register(attack: Attack) -> Attack:
     """Adds ``attack`` to the registry (a name can be registered once)."""
     unknown = [n for n in attack.needs if n not in NEEDS]

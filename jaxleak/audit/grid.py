@@ -185,6 +185,7 @@ def parse_audit(raw: Mapping[str, Any], *, source: str = "audit") -> dict[str, A
       AuditSpecError: one line naming ``source``, the key, what is wrong and what is allowed.
     """
     from jaxleak.attacks.registry import attacks as registered
+    from jaxleak.attacks.registry import context_options
     from jaxleak.data import DATASETS
     from jaxleak.defenses import parse_chain
     from jaxleak.models import VICTIMS
@@ -250,6 +251,11 @@ def parse_audit(raw: Mapping[str, Any], *, source: str = "audit") -> dict[str, A
             attack.config(a["config"])
         except ValueError as e:
             _fail(source, f"attacks[{i}].config", str(e).splitlines()[0])
+        allowed = context_options(attack)
+        for key in a["options"]:
+            if key not in allowed:
+                _fail(source, f"attacks[{i}].options.{key}",
+                      f"unknown option of {a['name']}; allowed: {', '.join(allowed) or 'none'}")
         if "artifact" in attack.needs and a["artifact"] is None:
             _fail(source, f"attacks[{i}].artifact", f"attack {a['name']} needs a trained network folder "
                                                     f"(`jaxleak train ...`)")

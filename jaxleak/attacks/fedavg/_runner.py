@@ -131,8 +131,9 @@ def _make_config(spec: _Spec):
 def _run(name: str, spec: _Spec):
     def run(cap, config, ctx: Context) -> AttackOutput:
         from jaxleak.attacks import optimization as opt
-        from jaxleak.attacks._builtin import _DRIVER_OPTIONS, _fields, _json_ready
+        from jaxleak.attacks._builtin import _fields, _json_ready
         from jaxleak.attacks.fedavg.sme import SMEConfig, image_stats
+        from jaxleak.attacks.registry import DRIVER_OPTIONS
         from jaxleak.capture import unflatten_tree
         from jaxleak.protocols import Protocol
 
@@ -156,7 +157,7 @@ def _run(name: str, spec: _Spec):
             prior=None if prior is None else prior.config)
         shared = {"variables": dict(variables),
                   "prior": None if prior is None else jax.tree_util.tree_map(jax.numpy.asarray, prior.params)}
-        driver = {k: ctx.options[k] for k in _DRIVER_OPTIONS
+        driver = {k: ctx.options[k] for k in DRIVER_OPTIONS
                   if k != "conv_impl" and ctx.options.get(k) is not None}
         options = opt.RunOptions(iterations=config.iterations, restarts=config.restarts, seed=ctx.seed,
                                  progress=ctx.progress, **driver)
