@@ -215,12 +215,16 @@ def driver_options(args: argparse.Namespace, iterations: int) -> dict[str, Any]:
     return options
 
 
-def default_paths(args: argparse.Namespace, name: str) -> tuple[Path, Path]:
-    """``(out JSON, runs folder)``; ``--quick`` defaults go to /tmp so smoke runs never overwrite results."""
+def default_paths(args: argparse.Namespace, name: str, *, runs_name: str | None = None) -> tuple[Path, Path]:
+    """``(out JSON, runs folder)``; ``--quick`` defaults go to /tmp so smoke runs never overwrite results.
+
+    ``runs_name`` (default ``name``) lets scripts share one runs folder, hence cells and server runs.
+    """
+    runs_name = runs_name or name
     if args.quick:
         root = Path("/tmp/jaxleak-flow-matching-quick")
-        return Path(args.out or root / f"{name}.json"), Path(args.runs or root / "runs" / name)
-    return Path(args.out or HERE / "results" / f"{name}.json"), Path(args.runs or HERE / "runs" / name)
+        return Path(args.out or root / f"{name}.json"), Path(args.runs or root / "runs" / runs_name)
+    return Path(args.out or HERE / "results" / f"{name}.json"), Path(args.runs or HERE / "runs" / runs_name)
 
 
 # --------------------------------------------------------------------------- prior
@@ -317,17 +321,19 @@ def load_clients(dataset: str, split: str, *, clients: int, samples: int, seed: 
 
 
 def client_capture(data, *, model: str, width: int | None, protocol, samples: int, seed: int,
-                   defense: str = "none", precode: int | None = None, checkpoint: str | None = None):
+                   defense: str = "none", precode: int | None = None, checkpoint: str | None = None,
+                   global_epoch: float | None = None):
     """The capture of ``data``'s clients (whole update and server weights kept) under ``defense``.
 
     ``defense`` is the ``--defense`` spelling (:func:`jaxleak.defenses.parse_chain`), parsed with
-    the client's local batch and its E x S steps, as ``jaxleak capture`` does.
+    the client's local batch and its E x S steps, as ``jaxleak capture`` does. With a ``jaxleak
+    train-fedavg`` run as ``checkpoint``, ``global_epoch`` picks its kept round that reached it.
     """
     from jaxleak import audit
     from jaxleak.defenses import parse_chain
 
     victim, variables, meta = audit.build_victim(model, dataset=data, width=width, precode=precode,
-                                                 checkpoint=checkpoint)
+                                                 checkpoint=checkpoint, global_epoch=global_epoch)
     e, s, b = protocol.schedule_shape(samples)
     chain = parse_chain(defense, batch_size=b, steps=e * s, sampling_rate=b / samples)
     return audit.capture(victim, variables, data, defenses=chain, protocol=protocol, samples=samples,
@@ -430,3 +436,151 @@ def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def gb(value) -> float | None:
     """Bytes to GiB (``None`` stays)."""
     return None if value is None else value / 2**30
+
+
+# --------------------------------------------------------------------------- server training (Tables 1, 3, Fig. 4)
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """The FedAvg training that produces the server weights attacked at a global epoch.
+
+    Defaults (the CPU setting; the paper trains on all of CIFAR-10 with an unstated population):
+    200 clients x 50 CIFAR-10 train images (10,000 images), 20 clients per round, each running one
+    local epoch of 5 batches of 10 with Adam lr 1e-3. The paper's stated local Adam lr 0.1 did not
+    train in our check (README, "Server training").
+    """
+    g = parser.add_argument_group("server training (the weights attacked at a global epoch)")
+    g.add_argument("--train-clients", type=int, default=200, help="client population of the training run")
+    g.add_argument("--train-samples", type=int, default=50, help="images per training client")
+    g.add_argument("--train-batch", type=int, default=10, help="local batch of the training clients")
+    g.add_argument("--train-optimizer", choices=("sgd", "adam"), default="adam")
+    g.add_argument("--train-lr", type=float, default=1e-3)
+    g.add_argument("--clients-per-round", type=int, default=20)
+    g.add_argument("--eval-size", type=int, default=2000, help="CIFAR-10 test images of the accuracy")
+    g.add_argument("--servers", default=None,
+                   help="folder of the training runs (default: <runs>/servers); runs are resumed and shared "
+                        "between scripts when their settings agree")
+
+
+def apply_quick_server(args: argparse.Namespace) -> None:
+    """``--quick``: a population of 8 clients x 4 images, 4 per round, 64 test images."""
+    if args.quick:
+        args.train_clients, args.train_samples, args.train_batch = 8, 4, 2
+        args.clients_per_round, args.eval_size = 4, 64
+
+
+def server_run(args: argparse.Namespace, runs: Path, *, model: str, width: int | None, epochs: int,
+               defense: str = "none") -> tuple[str, list[dict[str, Any]]]:
+    """Trains (or resumes, or reads back) the FedAvg run of ``model`` to global epoch ``epochs``.
+
+    Every epoch's last round is kept, so :func:`client_capture` can attack the weights at any
+    whole global epoch up to ``epochs``. The folder name holds every setting, so runs of other
+    settings never collide and scripts with the same settings share one run.
+
+    Returns:
+      ``(run folder, history)``: the history is one dict per round (``global_epoch``,
+      ``train_loss`` and, at every epoch's end, ``test_accuracy``).
+    """
+    from jaxleak import audit
+    from jaxleak.defenses import parse_chain
+    from jaxleak.protocols import Protocol
+    from jaxleak.protocols.server import HISTORY_FILE, FedAvgTraining, train_fedavg
+
+    root = Path(args.servers) if args.servers else runs / "servers"
+    name = (f"{args.dataset}-{model}-w{width or 'default'}-{defense.replace(':', '')}-c{args.train_clients}"
+            f"x{args.train_samples}b{args.train_batch}-{args.train_optimizer}{args.train_lr:g}"
+            f"-cpr{args.clients_per_round}-is{args.image_size or 'native'}")
+    out = root / name
+    history_path = out / HISTORY_FILE
+    if history_path.is_file():
+        history = json.loads(history_path.read_text()).get("history") or []
+        if history and history[-1]["global_epoch"] >= epochs - 1e-9 and (out / EPOCH0_FILE).is_file():
+            start = json.loads((out / EPOCH0_FILE).read_text())
+            return str(out), [start] + [h for h in history if h["global_epoch"] <= epochs + 1e-9]
+    train = audit.load_data(args.dataset, split="train", n=args.train_clients * args.train_samples, seed=0,
+                            image_size=args.image_size)
+    test = audit.load_data(args.dataset, split=args.split, n=args.eval_size, seed=1234,
+                           image_size=args.image_size)
+    victim, variables, _ = audit.build_victim(model, dataset=train, width=width)
+    protocol = Protocol(kind="fedavg", local_epochs=1, local_batch=args.train_batch,
+                        optimizer=args.train_optimizer, lr=args.train_lr)
+    per_epoch = args.train_clients // args.clients_per_round
+    if per_epoch * args.clients_per_round != args.train_clients:
+        raise SystemExit("--train-clients must be a multiple of --clients-per-round (whole epochs)")
+    steps = args.train_samples // args.train_batch
+    chain = parse_chain(defense, batch_size=args.train_batch, steps=steps,
+                        sampling_rate=args.train_batch / args.train_samples)
+    config = FedAvgTraining(epochs=epochs, clients_per_round=args.clients_per_round, samples=args.train_samples,
+                            protocol=protocol, eval_every=per_epoch, num_clients=args.train_clients, seed=0)
+    print(f"training {name} to global epoch {epochs} ({per_epoch} rounds per epoch)", flush=True)
+    _, history = train_fedavg(victim, variables, train.images, train.labels, config=config,
+                              test_images=test.images, test_labels=test.labels, defenses=chain, out=out,
+                              resume=True, checkpoint_every=per_epoch, keep=10_000, progress=sys.stderr.isatty())
+    # The run records accuracy after rounds only; epoch 0 (the initial weights) is measured here.
+    from jaxleak.models.train import evaluate_victim
+
+    initial = evaluate_victim(victim, variables, test.images, test.labels)
+    start = {"round": 0, "global_epoch": 0.0, "test_accuracy": float(initial["accuracy"]),
+             "test_loss": float(initial["loss"])}
+    (out / EPOCH0_FILE).write_text(json.dumps(start) + "\n")
+    return str(out), [start] + list(history)
+
+
+EPOCH0_FILE = "epoch0.json"
+"""Beside a server run's history: the test accuracy of its initial weights (global epoch 0)."""
+
+
+def accuracy_at(history: Sequence[Mapping[str, Any]], epoch: float) -> float | None:
+    """Test accuracy recorded at the round that reached global epoch ``epoch`` (``None`` at epoch 0)."""
+    for h in history:
+        if h["global_epoch"] >= epoch - 1e-9 and h.get("test_accuracy") is not None:
+            return float(h["test_accuracy"])
+    return None
+
+
+SERVER_RUNS = "fedavg-trained"
+"""The runs folder Tables 1, 3 and Figure 4 share (server runs and attack cells at a global epoch)."""
+
+
+def trained_cell_dir(runs: Path, args: argparse.Namespace, *, model: str, width: int | None, defense: str,
+                     epoch: int, seed: int) -> Path:
+    """Where an attack cell at a server run's global epoch lives (shared by Tables 1, 3 and Figure 4).
+
+    The path names everything that fixes the capture (the attacked clients' B, optimizer, reading,
+    count, image size; the server run's settings; the defense; the epoch), because a finished
+    cell is re-used on its attack config alone.
+    """
+    clients = (f"B{args.batch}-{args.optimizer}-{args.reading}-lb{args.local_batches}-c{args.clients}"
+               f"-is{args.image_size or 'native'}")
+    server = (f"c{args.train_clients}x{args.train_samples}b{args.train_batch}-{args.train_optimizer}"
+              f"{args.train_lr:g}-cpr{args.clients_per_round}")
+    return (runs / "cells" / clients / server
+            / f"{model}-w{width or 'default'}-{defense.replace(':', '')}-e{epoch}" / f"seed{seed}")
+
+
+def attack_cells(attacks: Sequence[str], cap, out: Path, *, seed: int, args: argparse.Namespace,
+                 iterations: Mapping[str, int], prior: str | None, fm: Mapping[str, Any], per_attack: dict,
+                 tag: str, extra: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Runs every attack of ``attacks`` (and its null control) on ``cap`` into ``out``; rows go to ``per_attack``.
+
+    ``per_attack[attack]["real" | "null"]`` collects one row per call (one per seed); a line per
+    attack is printed, prefixed with ``tag``.
+    """
+    for attack in attacks:
+        overrides = attack_overrides(attack, iterations[attack], labels=args.labels, prior=prior,
+                                     extra=(extra or {}).get(attack), fm=fm)
+        cell = run_cell(attack, cap, out, overrides=overrides, options=driver_options(args, iterations[attack]),
+                        seed=seed, null=not args.no_null, force=args.force)
+        for kind, row in cell.items():
+            per_attack[attack][kind].append(row)
+        print(f"[{tag}] {attack}: PSNR {fmt(cell['real']['psnr'])} SSIM {fmt(cell['real']['ssim'])} "
+              f"MSE {fmt(cell['real']['mse'])}"
+              + (f" (null {fmt(cell['null']['psnr'])} / {fmt(cell['null']['ssim'])} / {fmt(cell['null']['mse'])})"
+                 if "null" in cell else ""), flush=True)
+
+
+def summarize(per_attack: Mapping[str, Mapping[str, list]], iterations: Mapping[str, int]) -> dict[str, Any]:
+    """Per attack: its budget, the mean (and std) over seeds of the real and null rows, and the rows."""
+    return {a: {"iterations": iterations[a], "real": aggregate(v["real"]),
+                "null": aggregate(v["null"]) if v["null"] else None, "per_seed": v}
+            for a, v in per_attack.items()}
