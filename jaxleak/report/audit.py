@@ -594,7 +594,9 @@ LEGEND = (
         "pipeline scores without any leakage; an attack is only informative where it clearly beats it.")),
     ("kappa", (
         "the baseline success of a guess made without the release: the best fixed image from a "
-        "public pool of the same domain, scored with the same criterion against the targets.")),
+        "public pool of the same domain, scored with the same criterion against the targets. With few "
+        "targets it is often 0 (no pool image met the criterion); the bound at kappa = 0 is 0 at every "
+        "mu, so read the bound at kappa's upper end (\"hi\"), which the check uses.")),
     ("bound", (
         "the reconstruction-robustness bound of Hayes et al. (2023): under mu-GDP no attack succeeds "
         "with probability above Phi(Phi^-1(kappa) + mu) (a Monte Carlo estimate for subsampled "
