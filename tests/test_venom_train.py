@@ -8,24 +8,29 @@ import numpy as np
 import pytest
 
 from jaxleak.artifacts import ArtifactError, read_artifact
-from jaxleak.attacks.venom import RecoveryNetConfig, TripletConfig, make_triplets
+from jaxleak.attacks.spe import SPEConfig
+from jaxleak.attacks.venom import RecoveryNetConfig, TripletConfig
 from jaxleak.attacks.venom.infer import recover_images
 from jaxleak.attacks.venom.train import (
     TrainConfig,
+    _compiled,
+    _step_relevant,
     init_state,
     load_recovery_net,
-    make_optimizer,
-    make_train_step,
     reconstruction_loss,
     train_recovery_net,
 )
 from jaxleak.models import get_victim
 
+# The smallest network that trains (one UNet stage, no linear attention): these tests are about
+# the training loop, checkpoints and caches; test_venom_network covers the architecture. Every
+# test shares it, so its initialiser, update and eval steps compile once per process.
 NET = RecoveryNetConfig(
     image_shape=(16, 16, 1),
     feature_shape=(4, 4, 16),
     base_width=8,
-    multipliers=(1, 2),
+    multipliers=(1,),
+    linear_attention=False,
     resnet_blocks=1,
     liquid_steps=2,
     time_dim=8,
@@ -86,16 +91,18 @@ def test_loss_formulas():
 
 def test_one_training_step_lowers_the_loss_on_a_fixed_batch(setup, runs):
     victim, variables, images, labels = setup
-    batch = make_triplets(
-        victim, variables, images[:8], labels[:8], jax.random.PRNGKey(1), config=TRIPLETS
+    # the runs' own compiled update (same configs and shapes: a cache hit, no new compilation)
+    model, optimizer, update, _, _ = _compiled(
+        NET, victim, _step_relevant(TRAIN), TRIPLETS, SPEConfig()
     )
-    model = runs[0].model  # reuses the compiled initialiser of the runs fixture
-    optimizer = make_optimizer(dataclasses.replace(TRAIN, learning_rate=1e-3, max_lr=1e-3))
+    assert model == runs[0].model
+    n = len(images) - TRAIN.eval_size  # the training part of the runs' auxiliary set
+    images, labels = jnp.asarray(images[:n]), jnp.asarray(labels[:n], jnp.int32)
     state = init_state(model, optimizer, NET, seed=0)
-    step = make_train_step(model, optimizer, loss="mse")
-    state1, m0 = step(state, batch)
-    _, m1 = step(state1, batch)  # the loss reported at step 2 is the loss of step 1's params
-    assert int(state1.step) == 1
+    state1, m0 = update(state, variables, images, labels)
+    # the same key draws the same minibatch and noise: the loss of step 1's params on that batch
+    _, m1 = update(state1._replace(key=state.key), variables, images, labels)
+    assert int(state1.step) == 1 and not np.array_equal(state1.key, state.key)
     assert float(m1["loss"]) < float(m0["loss"])
 
 
@@ -121,11 +128,13 @@ def test_checkpoint_round_trip_gives_identical_outputs(runs, setup):
         info["step"] == 4 and info["train"]["seed"] == 3 and info["aux_dataset"]["name"] == "random"
     )
     assert info["triplets"]["epsilons"] == [5.0, 10.0] and info["network"]["base_width"] == 8
-    x = jax.random.uniform(jax.random.PRNGKey(7), (3, 4, 4, 16))
-    t = jnp.array([0.5, 1.0, 2.0])
-    apply = jax.jit(model.apply)
+    assert model == full.model
+    x = np.asarray(jax.random.uniform(jax.random.PRNGKey(7), (3, 4, 4, 16)))
+    t = np.array([0.5, 1.0, 2.0], np.float32)
+    # batch_size 2: the compiled chunk of the padded-chunks test below
     np.testing.assert_array_equal(
-        np.asarray(apply(params, x, t)), np.asarray(apply(full.params, x, t))
+        recover_images(model, params, x, t, batch_size=2),
+        recover_images(full.model, full.params, x, t, batch_size=2),
     )
 
 

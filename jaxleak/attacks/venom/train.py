@@ -423,6 +423,9 @@ def _restore(
 ) -> tuple[TrainState, dict]:
     state, extra, _ = checkpoints.restore(target=abstract)
     state = TrainState(*state) if not isinstance(state, TrainState) else state
+    # Restored arrays come back committed to a device, fresh ones (init_state) do not; jit keys
+    # its cache on that, so the cached update/eval of _compiled would compile a second time.
+    state = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)), state)
     return state, dict(extra.get("history") or _empty_history())
 
 
