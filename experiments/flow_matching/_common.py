@@ -584,3 +584,24 @@ def summarize(per_attack: Mapping[str, Mapping[str, list]], iterations: Mapping[
     return {a: {"iterations": iterations[a], "real": aggregate(v["real"]),
                 "null": aggregate(v["null"]) if v["null"] else None, "per_seed": v}
             for a, v in per_attack.items()}
+
+
+def attacked_clients(args: argparse.Namespace):
+    """``(protocol, M, local lr)`` of the attacked clients of ``--batch`` / ``--optimizer`` / ``--reading``."""
+    optimizer, lr = OPTIMIZERS[args.optimizer]
+    protocol, samples = fedavg_setting(batch=args.batch, local_batches=args.local_batches, optimizer=optimizer,
+                                       lr=lr, reading=args.reading)
+    return protocol, samples, lr
+
+
+def result_header(script: str, argv, args: argparse.Namespace, *, what: str, attacks: Sequence[str],
+                  iterations: Mapping[str, int], fm: Mapping[str, Any], protocol, samples: int) -> dict[str, Any]:
+    """The opening fields of a results JSON: what, provenance, settings, FM's fields, protocol, budgets."""
+    return {
+        "what": what,
+        **provenance(script, argv),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs")},
+        "fm_fields": dict(fm),
+        "protocol": {**protocol.as_meta(samples), "reading": args.reading},
+        "budget": {"ours": {a: iterations[a] for a in attacks}, "paper": {a: PAPER_BUDGETS[a] for a in attacks}},
+    }

@@ -24,6 +24,9 @@ PAPER = None
 largest late in training, where updates are small."""
 
 
+WHAT = "FM paper Figure 4 re-run: SME / FM SSIM and test accuracy vs global FedAvg epoch, with nulls"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="cifar10")
@@ -90,17 +93,10 @@ def main(argv=None) -> int:
     png = args.png or str(out_json.with_suffix(".png"))
     iterations = C.budgets(args)
     fm = C.fm_fields(args)
-    optimizer, lr = C.OPTIMIZERS[args.optimizer]
-    protocol, samples = C.fedavg_setting(batch=args.batch, local_batches=args.local_batches, optimizer=optimizer,
-                                         lr=lr, reading=args.reading)
+    protocol, samples, lr = C.attacked_clients(args)
     result = {
-        "what": "FM paper Figure 4 re-run: SME / FM SSIM and test accuracy vs global FedAvg epoch, with nulls",
-        **C.provenance("figure4.py", argv),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs")},
-        "fm_fields": fm,
-        "protocol": {**protocol.as_meta(samples), "reading": args.reading},
-        "budget": {"ours": {a: iterations[a] for a in args.attacks},
-                   "paper": {a: C.PAPER_BUDGETS[a] for a in args.attacks}},
+        **C.result_header("figure4.py", argv, args, what=WHAT, attacks=args.attacks,
+                          iterations=iterations, fm=fm, protocol=protocol, samples=samples),
         "paper": "Figure 4 is a plot only; no values in the text",
         "png": png,
         "points": [],

@@ -26,6 +26,9 @@ PAPER = [(70.32, 0.621), (68.43, 0.618), (59.77, 0.469), (10.00, 0.306), (10.00,
 (the std values did not survive the text extraction; the third is its Table 4 setting)."""
 
 
+WHAT = "FM paper Table 1 re-run: FedAvg accuracy and attack SSIM vs Gaussian noise std on the update"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="cifar10")
@@ -58,17 +61,10 @@ def main(argv=None) -> int:
     out_json, runs = C.default_paths(args, "table1", runs_name=C.SERVER_RUNS)
     iterations = C.budgets(args)
     fm = C.fm_fields(args)
-    optimizer, lr = C.OPTIMIZERS[args.optimizer]
-    protocol, samples = C.fedavg_setting(batch=args.batch, local_batches=args.local_batches, optimizer=optimizer,
-                                         lr=lr, reading=args.reading)
+    protocol, samples, lr = C.attacked_clients(args)
     result = {
-        "what": "FM paper Table 1 re-run: FedAvg accuracy and attack SSIM vs Gaussian noise std on the update",
-        **C.provenance("table1.py", argv),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs")},
-        "fm_fields": fm,
-        "protocol": {**protocol.as_meta(samples), "reading": args.reading},
-        "budget": {"ours": {a: iterations[a] for a in args.attacks},
-                   "paper": {a: C.PAPER_BUDGETS[a] for a in args.attacks}},
+        **C.result_header("table1.py", argv, args, what=WHAT, attacks=args.attacks,
+                          iterations=iterations, fm=fm, protocol=protocol, samples=samples),
         "paper": {"columns": ("test_accuracy_percent", "ssim"), "rows": PAPER, "stds": "lost in extraction"},
         "rows": [],
     }

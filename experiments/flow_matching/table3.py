@@ -43,6 +43,9 @@ PAPER = {
 }
 
 
+WHAT = "FM paper Table 3 re-run: SME / FM vs architecture after FedAvg training; every cell with its null"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="cifar10")
@@ -89,16 +92,10 @@ def main(argv=None) -> int:
     out_json, runs = C.default_paths(args, "table3", runs_name=C.SERVER_RUNS)
     iterations = C.budgets(args)
     fm = C.fm_fields(args)
-    optimizer, lr = C.OPTIMIZERS[args.optimizer]
-    protocol, samples = C.fedavg_setting(batch=args.batch, local_batches=args.local_batches, optimizer=optimizer,
-                                         lr=lr, reading=args.reading)
+    protocol, samples, lr = C.attacked_clients(args)
     result = {
-        "what": "FM paper Table 3 re-run: SME / FM vs architecture after FedAvg training; every cell with its null",
-        **C.provenance("table3.py", argv),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs")},
-        "fm_fields": fm,
-        "protocol": {**protocol.as_meta(samples), "reading": args.reading},
-        "budget": {"ours": {a: iterations[a] for a in ATTACKS}, "paper": {a: C.PAPER_BUDGETS[a] for a in ATTACKS}},
+        **C.result_header("table3.py", argv, args, what=WHAT, attacks=ATTACKS,
+                          iterations=iterations, fm=fm, protocol=protocol, samples=samples),
         "paper": {"columns": ("psnr", "ssim", "lpips_vgg", "lpips_alex", "mse", "tv"), "rows": PAPER,
                   "attack": "fm"},
         "rows": [],
