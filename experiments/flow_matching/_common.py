@@ -605,3 +605,21 @@ def result_header(script: str, argv, args: argparse.Namespace, *, what: str, att
         "protocol": {**protocol.as_meta(samples), "reading": args.reading},
         "budget": {"ours": {a: iterations[a] for a in attacks}, "paper": {a: PAPER_BUDGETS[a] for a in attacks}},
     }
+
+
+def add_attacked_client_args(parser: argparse.ArgumentParser) -> None:
+    """``--batch`` and ``--optimizer`` of the attacked clients (Tables 1, 3, Figure 4)."""
+    parser.add_argument("--batch", type=int, default=1, help="client batch size B of the attacked clients")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd",
+                        help="local optimizer of the attacked clients (default: SME's code's SGD 0.004)")
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, footer: str,
+                prior_info: Mapping[str, Any], written: str) -> None:
+    """The Markdown table, a footer naming the prior and its FD-AlexNet, the smoke warning, what was written."""
+    print()
+    print(markdown_table(header, rows))
+    print(f"\n{footer}; prior {prior_info['source']} (FD-AlexNet {fmt(prior_info.get('fd_alexnet'))})")
+    if prior_info.get("random"):
+        print("WARNING: " + prior_info["warning"])
+    print(f"wrote {written}")

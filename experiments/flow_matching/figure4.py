@@ -33,9 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="test")
     p.add_argument("--epochs", type=int, nargs="+", default=[0, 1, 2], help="global epochs attacked")
     p.add_argument("--attacks", nargs="+", choices=("sme", "fm"), default=["sme", "fm"])
-    p.add_argument("--batch", type=int, default=1, help="client batch size B of the attacked clients")
-    p.add_argument("--optimizer", choices=sorted(C.OPTIMIZERS), default="sgd",
-                   help="local optimizer of the attacked clients (default: SME's code's SGD 0.004)")
+    C.add_attacked_client_args(p)
     p.add_argument("--png", default=None, help="plot (default: next to --out, .png)")
     C.add_common_args(p)
     C.add_server_args(p)
@@ -136,13 +134,8 @@ def main(argv=None) -> int:
     table = [[p["epoch"], None if p["test_accuracy"] is None else 100 * p["test_accuracy"], p["attack"],
               f"{p['iterations']} ({C.PAPER_BUDGETS[p['attack']]})", p["real"]["psnr"], p["real"]["ssim"],
               p["real"]["ssim_std"], (p["null"] or {}).get("ssim")] for p in points]
-    print()
-    print(C.markdown_table(header, table))
-    print(f"\nprior {result['prior']['source']} (FD-AlexNet {C.fmt(result['prior'].get('fd_alexnet'))}); "
-          f"the paper's Figure 4 has no values in its text")
-    if result["prior"].get("random"):
-        print("WARNING: " + result["prior"]["warning"])
-    print(f"wrote {out_json} and {png}")
+    C.print_table(header, table, prior_info=result["prior"], written=f"{out_json} and {png}",
+                  footer="the paper's Figure 4 has no values in its text")
     return 0
 
 

@@ -37,9 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="std of the Gaussian noise on every released update (the paper's are lost; ours)")
     p.add_argument("--epoch", type=int, default=2, help="global FedAvg epoch of the accuracy and the attack")
     p.add_argument("--attacks", nargs="+", choices=("sme", "fm"), default=["fm"])
-    p.add_argument("--batch", type=int, default=1, help="client batch size B of the attacked clients")
-    p.add_argument("--optimizer", choices=sorted(C.OPTIMIZERS), default="sgd",
-                   help="local optimizer of the attacked clients (default: SME's code's SGD 0.004)")
+    C.add_attacked_client_args(p)
     C.add_common_args(p)
     C.add_server_args(p)
     args = p.parse_args(argv)
@@ -107,16 +105,11 @@ def main(argv=None) -> int:
             line += [r["psnr"], r["ssim"], n.get("ssim")]
         line.append(f"{PAPER[i][0]:.2f}, {PAPER[i][1]:.3f}" if i < len(PAPER) else "-")
         table.append(line)
-    print()
-    print(C.markdown_table(header, table))
-    print(f"\n{args.model} after global epoch {args.epoch} of FedAvg ({args.train_clients} clients x "
-          f"{args.train_samples} {args.dataset} train images, local {args.train_optimizer} {args.train_lr:g}, noise "
-          f"on every update); attacked clients: B = {args.batch}, local {args.optimizer} {lr:g}, the same noise; "
-          f"means over {len(args.seeds)} seed(s) x {args.clients} clients; prior {prior_info['source']} "
-          f"(FD-AlexNet {C.fmt(prior_info.get('fd_alexnet'))})")
-    if prior_info.get("random"):
-        print("WARNING: " + prior_info["warning"])
-    print(f"wrote {out_json}")
+    C.print_table(header, table, prior_info=prior_info, written=str(out_json), footer=(
+        f"{args.model} after global epoch {args.epoch} of FedAvg ({args.train_clients} clients x "
+        f"{args.train_samples} {args.dataset} train images, local {args.train_optimizer} {args.train_lr:g}, "
+        f"noise on every update); attacked clients: B = {args.batch}, local {args.optimizer} {lr:g}, the same "
+        f"noise; means over {len(args.seeds)} seed(s) x {args.clients} clients"))
     return 0
 
 

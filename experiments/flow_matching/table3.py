@@ -54,9 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--widths", nargs="*", default=[], metavar="MODEL=WIDTH",
                    help="widths replacing the CPU defaults (vgg11=16 resnet18=16)")
     p.add_argument("--epoch", type=int, default=2, help="global FedAvg epoch of the attacked weights (paper: 2)")
-    p.add_argument("--batch", type=int, default=1, help="client batch size B of the attacked clients")
-    p.add_argument("--optimizer", choices=sorted(C.OPTIMIZERS), default="sgd",
-                   help="local optimizer of the attacked clients (default: SME's code's SGD 0.004)")
+    C.add_attacked_client_args(p)
     C.add_common_args(p)
     C.add_server_args(p)
     args = p.parse_args(argv)
@@ -139,15 +137,11 @@ def main(argv=None) -> int:
                           r["lpips_vgg"], r["lpips_alex"], r["mse"], r["tv"],
                           f"{C.fmt(n.get('psnr'))} / {C.fmt(n.get('ssim'))}",
                           " / ".join(C.fmt(v) for v in paper) if paper else "-"])
-    print()
-    print(C.markdown_table(header, table))
-    print(f"\nmeans over {len(args.seeds)} seed(s) x {args.clients} clients, {args.dataset}:{args.split}, B = "
-          f"{args.batch}, local {args.optimizer} {lr:g}; server weights after global epoch {args.epoch} of FedAvg "
-          f"({args.train_clients} clients x {args.train_samples} train images, local {args.train_optimizer} "
-          f"{args.train_lr:g}); prior {prior_info['source']} (FD-AlexNet {C.fmt(prior_info.get('fd_alexnet'))})")
-    if prior_info.get("random"):
-        print("WARNING: " + prior_info["warning"])
-    print(f"wrote {out_json}")
+    C.print_table(header, table, prior_info=prior_info, written=str(out_json), footer=(
+        f"means over {len(args.seeds)} seed(s) x {args.clients} clients, {args.dataset}:{args.split}, B = "
+        f"{args.batch}, local {args.optimizer} {lr:g}; server weights after global epoch {args.epoch} of "
+        f"FedAvg ({args.train_clients} clients x {args.train_samples} train images, local "
+        f"{args.train_optimizer} {args.train_lr:g})"))
     return 0
 
 
