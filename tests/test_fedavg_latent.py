@@ -16,12 +16,11 @@ from jaxleak.attacks.fedavg.latent import (
     generate,
     latent_kl,
     make_flow_latent,
-    unet_velocity,
 )
 from jaxleak.attacks.optimization import RunOptions, run_problem
 from jaxleak.attacks.optimization._matching import layer_weights
 from jaxleak.models import get_victim
-from jaxleak.priors.unet import UNetConfig, init_params
+from jaxleak.priors.unet import UNetConfig, init_params, velocity_fn
 from jaxleak.protocols import Protocol, local_update
 
 PRIOR = UNetConfig(image_size=8, base_width=8, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(),
@@ -69,7 +68,7 @@ def test_generated_images_are_in_range_with_the_victims_shape():
     assert np.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0
     assert images.std() > 0.05  # not a constant image
     # the velocity field matters: a different flow gives a different image of the same noise
-    other = generate(unet_velocity(PRIOR), _prior_params(0.3), state["z"], steps=4)
+    other = generate(velocity_fn(PRIOR), _prior_params(0.3), state["z"], steps=4)
     assert np.abs(np.asarray(other) - images).max() > 1e-2
 
 
@@ -79,7 +78,7 @@ def test_the_matching_loss_is_differentiable_in_the_latent_end_to_end():
     double backward) is finite, nonzero and agrees with a central difference along a random direction."""
     victim = _victim()
     shared, target, _ = _client(victim)
-    velocity, weights = unet_velocity(PRIOR), layer_weights(victim.abstract_variables()["params"])
+    velocity, weights = velocity_fn(PRIOR), layer_weights(victim.abstract_variables()["params"])
 
     def loss(z):
         images = generate(velocity, shared["prior"], z, steps=4, method="midpoint")

@@ -6,12 +6,15 @@ import subprocess
 import sys
 import textwrap
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxleak import artifacts
+from jaxleak.models._common import Conv
 from jaxleak.priors import (
     PRESETS,
     TrainConfig,
@@ -35,7 +38,7 @@ from jaxleak.priors.flow import (
     make_train_step,
     sampled_flow_loss,
 )
-from jaxleak.priors.unet import abstract_params, make_unet
+from jaxleak.priors.unet import abstract_params, init_params, make_unet, velocity_fn
 
 # every test (and the doctests) share these, so the initialiser, train step, sampler and
 # regulariser compile once each
@@ -84,6 +87,38 @@ def test_bf16_compute_keeps_float32_parameters_and_output():
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {np.dtype("float32")}
     out = jax.eval_shape(make_unet(TINY, jnp.bfloat16).apply, variables, x, t)
     assert out.dtype == jnp.float32 and out.shape == (2, 8, 8, 3)
+
+
+@pytest.mark.parametrize("impl", ["xla", "patches"])
+@pytest.mark.parametrize("size,kernel,stride", [(8, 3, 1), (8, 3, 2), (7, 3, 2), (8, 1, 1), (6, 2, 2)])
+def test_same_padding_conv_equals_flax_conv(impl, size, kernel, stride):
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    ours = Conv(5, kernel, strides=stride, padding="same", impl=impl)
+    flax_conv = nn.Conv(5, (kernel, kernel), strides=(stride, stride))
+    variables = flax_conv.init(jax.random.key(1), x)
+    # same parameter names and shapes, drawn identically
+    chex.assert_trees_all_equal(ours.init(jax.random.key(1), x), variables)
+    chex.assert_trees_all_close(ours.apply(variables, x), flax_conv.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
+def test_patches_unet_matches_xla_in_value_and_input_gradient():
+    config = UNetConfig(image_size=8, channels=3, base_width=8, channel_mult=(1, 2), num_res_blocks=1,
+                        attention_resolutions=(4,), groups=4)
+    params = init_params(config, jax.random.key(0))
+    # the zero-initialised output convolutions would hide every difference
+    params = jax.tree_util.tree_map(
+        lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), params)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    t = jnp.array([0.3, 0.9])
+
+    def norm(impl):
+        velocity = velocity_fn(config, conv_impl=impl)
+        return jax.value_and_grad(lambda x: jnp.mean(jnp.square(velocity(params, x, t))))(x)
+
+    (value_xla, grad_xla), (value_patches, grad_patches) = norm("xla"), norm("patches")
+    assert float(value_xla) > 1e-3
+    np.testing.assert_allclose(value_patches, value_xla, rtol=1e-5)
+    np.testing.assert_allclose(grad_patches, grad_xla, rtol=1e-4, atol=1e-6 * float(jnp.abs(grad_xla).max()))
 
 
 def test_config_validation_and_json_round_trip():

@@ -140,6 +140,11 @@ class Conv(nn.Module):
       use_bias: add a bias.
       kernel_init, bias_init: initialisers (``nn.Conv``'s defaults).
       impl: ``"xla"`` or ``"patches"``.
+      padding: ``"torch"`` (``k // 2`` on each side, the victims') or ``"same"`` (``nn.Conv``'s
+        ``"SAME"``: the output is ``ceil(n / s)`` and an odd total pad puts the extra row at the end,
+        which differs from ``"torch"`` for even kernels or strides > 1).
+      dtype: compute dtype (input and kernel cast to it, as ``nn.Conv(dtype=...)``); ``None``
+        computes in the input's dtype.
     """
 
     features: int
@@ -149,20 +154,23 @@ class Conv(nn.Module):
     kernel_init: nn.initializers.Initializer = nn.linear.default_kernel_init
     bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
     impl: str = "xla"
+    padding: str = "torch"
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Float[Array, "b h w c"]) -> Float[Array, "b h2 w2 f"]:
         k, s = self.kernel_size, self.strides
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features))
-        pad = k // 2
+        if self.dtype is not None:
+            x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        pads = [_conv_pads(n, k, s, self.padding) for n in x.shape[1:3]]
         if self.impl == "xla":
             y = jax.lax.conv_general_dilated(
-                x, kernel, (s, s), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+                x, kernel, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
             )
         elif self.impl == "patches":
-            xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-            out_h = (x.shape[1] + 2 * pad - k) // s + 1
-            out_w = (x.shape[2] + 2 * pad - k) // s + 1
+            xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+            out_h, out_w = ((n + lo + hi - k) // s + 1 for n, (lo, hi) in zip(x.shape[1:3], pads))
             views = [
                 xp[:, i : i + s * (out_h - 1) + 1 : s, j : j + s * (out_w - 1) + 1 : s, :]
                 for i in range(k)
@@ -173,5 +181,16 @@ class Conv(nn.Module):
         else:
             raise ValueError(f"conv impl must be one of {CONV_IMPLS}, got {self.impl!r}")
         if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,))
+            bias = self.param("bias", self.bias_init, (self.features,))
+            y = y + (bias if self.dtype is None else bias.astype(self.dtype))
         return y
+
+
+def _conv_pads(n: int, k: int, s: int, padding: str) -> tuple[int, int]:
+    """(low, high) padding of one spatial side of length ``n`` (see :class:`Conv`'s ``padding``)."""
+    if padding == "torch":
+        return k // 2, k // 2
+    if padding == "same":
+        total = max((-(-n // s) - 1) * s + k - n, 0)
+        return total // 2, total - total // 2
+    raise ValueError(f"conv padding must be 'torch' or 'same', got {padding!r}")

@@ -36,7 +36,7 @@ import optax
 from jaxtyping import Array, Float, PyTree
 
 from jaxleak import artifacts
-from jaxleak.priors.unet import UNetConfig, abstract_params, init_params, make_unet
+from jaxleak.priors.unet import UNetConfig, abstract_params, init_params, make_unet, velocity_fn
 
 KIND = "prior/flow"
 METHODS: tuple[str, ...] = ("euler", "heun", "midpoint")
@@ -358,9 +358,9 @@ def integrate(
 
 @functools.partial(jax.jit, static_argnames=("config", "n", "steps", "method"))
 def _sample(params, key, *, config, n, steps, method):
-    model = make_unet(config)
+    velocity = velocity_fn(config, conv_impl="patches")  # the UNet runs inside the solver's loop
     x0 = jax.random.normal(key, (n, *config.image_shape), jnp.float32)
-    x1 = integrate(lambda x, t: model.apply({"params": params}, x, t), x0, steps, method)
+    x1 = integrate(lambda x, t: velocity(params, x, t), x0, steps, method)
     return to_image_space(x1)
 
 

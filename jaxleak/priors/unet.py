@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -38,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
+
+from jaxleak.models._common import Conv
 
 # The embedding sees 1000 t: DDPM-style frequencies (periods 2 pi .. 2 pi 1e4) then
 # span the integer-step scale, so t in [0, 1] is resolved finely; with t itself most
@@ -212,18 +215,20 @@ class ResBlock(nn.Module):
     groups: int
     dropout: float
     dtype: Any = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, emb, train: bool):
+        conv = functools.partial(Conv, padding="same", dtype=self.dtype, impl=self.conv_impl)
         h = nn.silu(nn.GroupNorm(self.groups, dtype=self.dtype)(x))
-        h = nn.Conv(self.width, (3, 3), dtype=self.dtype)(h)
+        h = conv(self.width, 3)(h)
         h = h + nn.Dense(self.width, dtype=self.dtype)(nn.silu(emb))[:, None, None, :]
         h = nn.silu(nn.GroupNorm(self.groups, dtype=self.dtype)(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         # zero-initialised: every block starts as the identity, which keeps deep UNets stable
-        h = nn.Conv(self.width, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros)(h)
+        h = conv(self.width, 3, kernel_init=nn.initializers.zeros)(h)
         if x.shape[-1] != self.width:
-            x = nn.Conv(self.width, (1, 1), dtype=self.dtype)(x)
+            x = conv(self.width, 1)(x)
         return x + h
 
 
@@ -255,15 +260,16 @@ class UNet(nn.Module):
 
     config: UNetConfig
     dtype: Any = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(
         self, x: Float[Array, "b h w c"], t: Float[Array, " b"], train: bool = False
     ) -> Float[Array, "b h w c"]:
         cfg = self.config
-        conv = functools.partial(nn.Conv, kernel_size=(3, 3), dtype=self.dtype)
+        conv = functools.partial(Conv, kernel_size=3, padding="same", dtype=self.dtype, impl=self.conv_impl)
         block = functools.partial(ResBlock, groups=cfg.groups, dropout=cfg.dropout,
-                                  dtype=self.dtype)
+                                  dtype=self.dtype, conv_impl=self.conv_impl)
         attention = functools.partial(SelfAttention, heads=cfg.attention_heads,
                                       groups=cfg.groups, dtype=self.dtype)
 
@@ -281,7 +287,7 @@ class UNet(nn.Module):
                     h = attention()(h)
                 skips.append(h)
             if level != last:
-                h = conv(width, strides=(2, 2))(h)
+                h = conv(width, strides=2)(h)
                 skips.append(h)
 
         h = block(cfg.widths[-1])(h, emb, train)
@@ -303,9 +309,27 @@ class UNet(nn.Module):
 
 
 @functools.lru_cache(maxsize=32)
-def make_unet(config: UNetConfig, dtype: Any = jnp.float32) -> UNet:
-    """The (cached) Flax module of a config and compute dtype."""
-    return UNet(config=config, dtype=dtype)
+def make_unet(config: UNetConfig, dtype: Any = jnp.float32, conv_impl: str = "xla") -> UNet:
+    """The (cached) Flax module of a config, compute dtype and convolution implementation.
+
+    ``conv_impl`` changes only the speed (same parameters, same math up to float
+    rounding; :class:`jaxleak.models._common.Conv`). ``"xla"`` suits one jitted
+    call (training steps, a batch of regulariser values); ``"patches"`` (im2col)
+    suits the UNet inside a compiled loop (an attack's iterations, the ODE
+    solver): XLA:CPU ran ``lax.conv`` and its gradient ~4x slower inside
+    ``lax.scan`` than as one call, while the im2col version is not slowed
+    (docs/pitfalls.md, BENCHMARKS.md).
+    """
+    return UNet(config=config, dtype=dtype, conv_impl=conv_impl)
+
+
+def velocity_fn(config: UNetConfig, *, conv_impl: str = "xla") -> Callable[[Any, Array, Array], Array]:
+    """``v(params, x, t)`` of the UNet in float32: ``x [B, H, W, C]`` in [-1, 1], ``t [B]``.
+
+    ``conv_impl="patches"`` for the UNet inside a compiled loop (see :func:`make_unet`).
+    """
+    model = make_unet(config, conv_impl=conv_impl)
+    return lambda params, x, t: model.apply({"params": params}, x, t)
 
 
 def abstract_params(config: UNetConfig) -> Any:
@@ -347,4 +371,5 @@ __all__ = [
     "make_unet",
     "preset",
     "timestep_embedding",
+    "velocity_fn",
 ]

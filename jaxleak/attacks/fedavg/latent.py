@@ -30,7 +30,7 @@ from jaxleak.attacks.optimization._attacks import ig_schedule
 from jaxleak.attacks.optimization._driver import Candidate, Problem
 from jaxleak.attacks.optimization._matching import layer_weights, total_variation
 from jaxleak.priors.flow import DEFAULT_PRIOR, METHODS, integrate, to_image_space
-from jaxleak.priors.unet import UNetConfig, make_unet
+from jaxleak.priors.unet import UNetConfig, velocity_fn
 from jaxleak.protocols import Protocol
 
 Velocity = Callable[[PyTree, Float[Array, "b h w c"], Float[Array, " b"]], Float[Array, "b h w c"]]
@@ -150,12 +150,6 @@ def generate(
     return to_image_space(x1)
 
 
-def unet_velocity(prior: UNetConfig) -> Velocity:
-    """``v(x, t)`` of the prior's UNet (float32), built the way :mod:`jaxleak.priors.flow` builds it."""
-    model = make_unet(prior)
-    return lambda params, x, t: model.apply({"params": params}, x, t)
-
-
 # --------------------------------------------------------------------------- the problem
 
 
@@ -267,7 +261,7 @@ def make_flow_latent(
         raise ValueError("flow-latent needs a flow prior (its UNet config); got prior=None")
     if tuple(prior.image_shape) != tuple(victim.image_shape):
         raise ValueError(f"the prior makes {prior.image_shape} images, the victim takes {victim.image_shape}")
-    return flow_latent_problem(victim, config, unet_velocity(prior), batch_size=batch_size,
+    return flow_latent_problem(victim, config, velocity_fn(prior, conv_impl="patches"), batch_size=batch_size,
                                learn_alpha=protocol.kind == "fedavg")
 
 
@@ -277,5 +271,4 @@ __all__ = [
     "generate",
     "latent_kl",
     "make_flow_latent",
-    "unet_velocity",
 ]

@@ -67,7 +67,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, Float, Int, PyTree
+from jaxtyping import Array, Float, Int
 
 from jaxleak.attacks.fedavg._surrogate import surrogate_matching
 from jaxleak.attacks.optimization._attacks import ig_schedule
@@ -84,7 +84,7 @@ from jaxleak.attacks.optimization._space import (
     image_space,
     space_stats,
 )
-from jaxleak.priors.unet import UNetConfig, make_unet
+from jaxleak.priors.unet import UNetConfig, velocity_fn
 
 FM_SCALES = ("none", "one_minus_tau_sq")
 
@@ -256,11 +256,6 @@ def fm_regularizer(
     return value * (1.0 - tau) ** 2 if scale == "one_minus_tau_sq" else value
 
 
-def _prior_velocity(prior: UNetConfig) -> Callable[[PyTree, Array, Array], Array]:
-    model = make_unet(prior)
-    return lambda params, x, t: model.apply({"params": params}, x, t)
-
-
 # --------------------------------------------------------------------------- the problem
 
 
@@ -299,7 +294,8 @@ def make_sme(victim, config: SMEConfig, *, batch_size: int, protocol, prior: UNe
             raise ValueError("FM with lambda_fm > 0 needs the prior's UNetConfig")
         if tuple(prior.image_shape) != (h, w, c):
             raise ValueError(f"the prior is for {prior.image_shape} images, the victim's are {(h, w, c)}")
-        velocity = _prior_velocity(prior)
+        # im2col convolutions: the UNet runs inside the compiled iteration loop (make_unet)
+        velocity = velocity_fn(prior, conv_impl="patches")
 
     def objective(x, alpha, probs, update, shared, it):
         match = surrogate_matching(victim, shared["variables"], update, alpha, to01(x), probs, weights)
