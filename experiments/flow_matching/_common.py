@@ -24,7 +24,7 @@ import platform
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -59,6 +59,9 @@ QUICK_BUDGETS: dict[str, int] = {"gradinversion": 3, "flow-latent": 3, "dlf": 3,
 """``--quick``: a few iterations, only to check the pipeline end to end."""
 
 PRIOR_ATTACKS = ("fm", "flow-latent")
+
+QUICK_ROOT = Path("/tmp/jaxleak-flow-matching-quick")
+"""Where ``--quick`` runs write by default, so that a smoke run never overwrites results."""
 
 
 # --------------------------------------------------------------------------- provenance and output
@@ -181,6 +184,29 @@ def apply_quick(args: argparse.Namespace) -> None:
         raise SystemExit("the shuffle null control needs --clients >= 2 (with one client it is the real update)")
 
 
+def parse_common(parser: argparse.ArgumentParser, argv, *, server: bool = False) -> argparse.Namespace:
+    """Adds the common options (``server``: and the server training's), parses ``argv``, applies ``--quick``.
+
+    The options are added after the script's own, which keeps ``--help`` in the order it always had;
+    a script's own ``--quick`` settings come after this.
+    """
+    add_common_args(parser)
+    if server:
+        add_server_args(parser)
+    args = parser.parse_args(argv)
+    apply_quick(args)
+    if server:
+        apply_quick_server(args)
+    return args
+
+
+def add_attacked_client_args(parser: argparse.ArgumentParser) -> None:
+    """``--batch`` and ``--optimizer`` of the attacked clients (Tables 1, 3, Figure 4)."""
+    parser.add_argument("--batch", type=int, default=1, help="client batch size B of the attacked clients")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd",
+                        help="local optimizer of the attacked clients (default: SME's code's SGD 0.004)")
+
+
 def budgets(args: argparse.Namespace) -> dict[str, int]:
     """Iterations per attack: ``--quick`` / ``--paper-budgets`` / CPU defaults, then ``--budget``."""
     base = dict(QUICK_BUDGETS if args.quick else PAPER_BUDGET_ITERATIONS if args.paper_budgets else CPU_BUDGETS)
@@ -222,12 +248,20 @@ def default_paths(args: argparse.Namespace, name: str, *, runs_name: str | None 
     """
     runs_name = runs_name or name
     if args.quick:
-        root = Path("/tmp/jaxleak-flow-matching-quick")
+        root = QUICK_ROOT
         return Path(args.out or root / f"{name}.json"), Path(args.runs or root / "runs" / runs_name)
     return Path(args.out or HERE / "results" / f"{name}.json"), Path(args.runs or HERE / "runs" / runs_name)
 
 
 # --------------------------------------------------------------------------- prior
+
+
+def tiny_unet_config(image_size: int, channels: int):
+    """The tiny UNet of smoke runs (width 8, one level, one block, no attention) at ``image_size``."""
+    from jaxleak.priors import UNetConfig
+
+    return UNetConfig(image_size=image_size, channels=channels, base_width=8, channel_mult=(1,),
+                      num_res_blocks=1, attention_resolutions=(), groups=4)
 
 
 def random_prior(path: str | os.PathLike, image_shape: Sequence[int], *, preset: str | None = None,
@@ -242,7 +276,7 @@ def random_prior(path: str | os.PathLike, image_shape: Sequence[int], *, preset:
     import jax
 
     from jaxleak import artifacts
-    from jaxleak.priors import KIND, TrainConfig, UNetConfig, init_params
+    from jaxleak.priors import KIND, TrainConfig, init_params
     from jaxleak.priors import preset as unet_preset
 
     h, w, c = (int(v) for v in image_shape)
@@ -251,8 +285,7 @@ def random_prior(path: str | os.PathLike, image_shape: Sequence[int], *, preset:
         if tuple(cfg.image_shape) != (h, w, c):
             raise SystemExit(f"preset {preset} is for {cfg.image_shape} images, not {(h, w, c)}")
     else:
-        cfg = UNetConfig(image_size=h, channels=c, base_width=8, channel_mult=(1,), num_res_blocks=1,
-                         attention_resolutions=(), groups=4)
+        cfg = tiny_unet_config(h, c)
     params = init_params(cfg, jax.random.key(seed))
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
@@ -265,7 +298,16 @@ def random_prior(path: str | os.PathLike, image_shape: Sequence[int], *, preset:
                                        force=True))  # same seed, same weights: replacing is harmless
 
 
-def resolve_prior(name: str, image_shape: Sequence[int], runs: Path) -> tuple[str, dict[str, Any]]:
+class Prior(NamedTuple):
+    """A resolved flow prior."""
+
+    name: str
+    """The attacks' ``prior`` field: a shipped name or a folder."""
+    info: dict[str, Any]
+    """For the results: source, FD-AlexNet, whether it is a random (smoke) prior."""
+
+
+def resolve_prior(name: str, image_shape: Sequence[int], runs: Path) -> Prior:
     """``(name or folder for the attacks, info for the results)``; ``random`` writes one under ``runs``.
 
     The info holds the prior's source and its FD-AlexNet (the issue puts it beside every FM number;
@@ -278,7 +320,7 @@ def resolve_prior(name: str, image_shape: Sequence[int], runs: Path) -> tuple[st
         name = random_prior(runs / f"random-prior-{shape}", image_shape)
         info = {"source": name, "fd_alexnet": None, "random": True,
                 "warning": "RANDOM untrained prior: smoke run only, FM / flow-latent numbers mean nothing"}
-        return name, info
+        return Prior(name, info)
     try:
         prior = priors.load(name)
     except Exception as error:  # noqa: BLE001 - any load failure ends the run with the same hint
@@ -286,8 +328,8 @@ def resolve_prior(name: str, image_shape: Sequence[int], runs: Path) -> tuple[st
                          f"pass --prior DIR (a `jaxleak train flow-prior` folder) or --prior random for a "
                          f"smoke run") from None
     quality = prior.extra.get("quality") or {}
-    return name, {"source": prior.extra.get("source", name), "fd_alexnet": quality.get("fd_alexnet"),
-                  "image_shape": list(prior.config.image_shape), "random": False}
+    return Prior(name, {"source": prior.extra.get("source", name), "fd_alexnet": quality.get("fd_alexnet"),
+                        "image_shape": list(prior.config.image_shape), "random": False})
 
 
 # --------------------------------------------------------------------------- clients and captures
@@ -313,11 +355,31 @@ OPTIMIZERS = {"adam": ("adam", 0.1), "sgd": ("sgd", 0.004)}
 """Local optimizers: the FM paper's Adam 0.1 and SME's / DLF's public code's SGD 0.004."""
 
 
+def attacked_clients(args: argparse.Namespace):
+    """``(protocol, M, local lr)`` of the attacked clients of ``--batch`` / ``--optimizer`` / ``--reading``."""
+    optimizer, lr = OPTIMIZERS[args.optimizer]
+    protocol, samples = fedavg_setting(batch=args.batch, local_batches=args.local_batches, optimizer=optimizer,
+                                       lr=lr, reading=args.reading)
+    return protocol, samples, lr
+
+
 def load_clients(dataset: str, split: str, *, clients: int, samples: int, seed: int, image_size: int | None):
     """``clients * samples`` images of ``dataset``'s ``split`` (data seed ``seed``)."""
     from jaxleak import audit
 
     return audit.load_data(dataset, split=split, n=clients * samples, seed=seed, image_size=image_size)
+
+
+def seed_clients(args: argparse.Namespace, runs: Path, prior: Prior | None, *, samples: int, seed: int):
+    """``(data, prior)``: seed ``seed``'s clients and the flow prior of ``--prior``.
+
+    ``data`` holds ``--clients`` x ``samples`` images of ``--dataset``'s ``--split``. The prior is
+    resolved at the first call (``prior`` ``None``), at those images' shape; later calls pass it back
+    and get it unchanged, so a random prior is written once and a shipped one loaded once.
+    """
+    data = load_clients(args.dataset, args.split, clients=args.clients, samples=samples, seed=seed,
+                        image_size=args.image_size)
+    return data, prior or resolve_prior(args.prior, data.images.shape[1:], runs)
 
 
 def client_capture(data, *, model: str, width: int | None, protocol, samples: int, seed: int,
@@ -431,6 +493,12 @@ def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         out[k + "_std"] = float(np.std(values)) if len(values) > 1 else None
     out["seeds"] = len(per_seed)
     return out
+
+
+def seed_summary(rows: Mapping[str, list]) -> dict[str, Any]:
+    """A cell over seeds: means (and stds) of its real and null rows (``None``: no nulls), and the rows."""
+    return {"real": aggregate(rows["real"]), "null": aggregate(rows["null"]) if rows["null"] else None,
+            "per_seed": rows}
 
 
 def gb(value) -> float | None:
@@ -558,6 +626,9 @@ def trained_cell_dir(runs: Path, args: argparse.Namespace, *, model: str, width:
             / f"{model}-w{width or 'default'}-{defense.replace(':', '')}-e{epoch}" / f"seed{seed}")
 
 
+# --------------------------------------------------------------------------- a script's cells and results
+
+
 def attack_cells(attacks: Sequence[str], cap, out: Path, *, seed: int, args: argparse.Namespace,
                  iterations: Mapping[str, int], prior: str | None, fm: Mapping[str, Any], per_attack: dict,
                  tag: str, extra: Mapping[str, Mapping[str, Any]] | None = None) -> None:
@@ -581,45 +652,64 @@ def attack_cells(attacks: Sequence[str], cap, out: Path, *, seed: int, args: arg
 
 def summarize(per_attack: Mapping[str, Mapping[str, list]], iterations: Mapping[str, int]) -> dict[str, Any]:
     """Per attack: its budget, the mean (and std) over seeds of the real and null rows, and the rows."""
-    return {a: {"iterations": iterations[a], "real": aggregate(v["real"]),
-                "null": aggregate(v["null"]) if v["null"] else None, "per_seed": v}
-            for a, v in per_attack.items()}
-
-
-def attacked_clients(args: argparse.Namespace):
-    """``(protocol, M, local lr)`` of the attacked clients of ``--batch`` / ``--optimizer`` / ``--reading``."""
-    optimizer, lr = OPTIMIZERS[args.optimizer]
-    protocol, samples = fedavg_setting(batch=args.batch, local_batches=args.local_batches, optimizer=optimizer,
-                                       lr=lr, reading=args.reading)
-    return protocol, samples, lr
+    return {a: {"iterations": iterations[a], **seed_summary(v)} for a, v in per_attack.items()}
 
 
 def result_header(script: str, argv, args: argparse.Namespace, *, what: str, attacks: Sequence[str],
-                  iterations: Mapping[str, int], fm: Mapping[str, Any], protocol, samples: int) -> dict[str, Any]:
-    """The opening fields of a results JSON: what, provenance, settings, FM's fields, protocol, budgets."""
-    return {
+                  iterations: Mapping[str, int], fm: Mapping[str, Any] | None = None, protocol=None,
+                  samples: int | None = None) -> dict[str, Any]:
+    """The opening fields of a results JSON: what, provenance, settings, FM's fields, protocol, budgets.
+
+    ``fm`` / ``protocol`` ``None`` leave their key out: Table 2 and Figure 3 vary the protocol per
+    cell, and the FM sweep varies FM's fields.
+    """
+    header = {
         "what": what,
         **provenance(script, argv),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs")},
-        "fm_fields": dict(fm),
-        "protocol": {**protocol.as_meta(samples), "reading": args.reading},
-        "budget": {"ours": {a: iterations[a] for a in attacks}, "paper": {a: PAPER_BUDGETS[a] for a in attacks}},
     }
+    if fm is not None:
+        header["fm_fields"] = dict(fm)
+    if protocol is not None:
+        header["protocol"] = {**protocol.as_meta(samples), "reading": args.reading}
+    header["budget"] = {"ours": {a: iterations[a] for a in attacks},
+                        "paper": {a: PAPER_BUDGETS[a] for a in attacks}}
+    return header
 
 
-def add_attacked_client_args(parser: argparse.ArgumentParser) -> None:
-    """``--batch`` and ``--optimizer`` of the attacked clients (Tables 1, 3, Figure 4)."""
-    parser.add_argument("--batch", type=int, default=1, help="client batch size B of the attacked clients")
-    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd",
-                        help="local optimizer of the attacked clients (default: SME's code's SGD 0.004)")
+def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, footer: str = "",
+                prior_info: Mapping[str, Any], written: str, after: str = "") -> None:
+    """The Markdown table, a footer naming the prior and its FD-AlexNet, the smoke warning, what was written.
 
-
-def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, footer: str,
-                prior_info: Mapping[str, Any], written: str) -> None:
-    """The Markdown table, a footer naming the prior and its FD-AlexNet, the smoke warning, what was written."""
+    The footer line is ``footer``, the prior, then ``after`` (empty parts left out).
+    """
+    prior = f"prior {prior_info['source']} (FD-AlexNet {fmt(prior_info.get('fd_alexnet'))})"
     print()
     print(markdown_table(header, rows))
-    print(f"\n{footer}; prior {prior_info['source']} (FD-AlexNet {fmt(prior_info.get('fd_alexnet'))})")
+    print("\n" + "; ".join(part for part in (footer, prior, after) if part))
     if prior_info.get("random"):
         print("WARNING: " + prior_info["warning"])
     print(f"wrote {written}")
+
+
+ATTACK_COLORS = {"sme": "tab:blue", "fm": "tab:red"}
+"""One color per attack in every figure, so SME and FM read alike across Figures 3 and 4."""
+
+
+def attack_errorbars(ax, points: Sequence[Mapping[str, Any]], *, x: str, metric: str,
+                     attacks: Sequence[str]) -> None:
+    """Per attack, ``metric`` vs ``x`` with the std over seeds as error bars; its null control dashed.
+
+    ``points`` are ``{x, "attack", "real", "null"}`` dicts (Figures 3 and 4); a line with a missing
+    value (e.g. no null controls) is left out.
+    """
+    for attack in attacks:
+        pts = [p for p in points if p["attack"] == attack]
+        for kind, style in (("real", "-o"), ("null", "--x")):
+            ys = [(p[kind] or {}).get(metric) for p in pts]
+            if any(y is None for y in ys):
+                continue
+            es = [(p[kind] or {}).get(metric + "_std") or 0.0 for p in pts]
+            ax.errorbar([p[x] for p in pts], ys, yerr=es, fmt=style, color=ATTACK_COLORS.get(attack),
+                        capsize=3, label=attack.upper() + (" (null: shuffle)" if kind == "null" else ""),
+                        alpha=1.0 if kind == "real" else 0.6)

@@ -24,6 +24,8 @@ PAPER = None
 """The FM paper's Figure 3 (MSE vs B): a plot only; the text extraction holds no values, and the text
 says only that FM's MSE is lowest at every B and the gap widens with B."""
 
+WHAT = "FM paper Figure 3 re-run: reconstruction MSE vs client batch size B, SME vs FM, with nulls"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,9 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=None, help="client batch sizes (default 1 2 4 8 16)")
     p.add_argument("--optimizer", choices=sorted(C.OPTIMIZERS), default="adam")
     p.add_argument("--png", default=None, help="plot (default: next to --out, .png)")
-    C.add_common_args(p)
-    args = p.parse_args(argv)
-    C.apply_quick(args)
+    args = C.parse_common(p, argv)
     args.batches = args.batches or ([1, 2] if args.quick else [1, 2, 4, 8, 16])
     return args
 
@@ -47,17 +47,7 @@ def plot(points: list[dict], path, *, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
-    for attack, color in zip(ATTACKS, ("tab:blue", "tab:red"), strict=True):
-        pts = [p for p in points if p["attack"] == attack]
-        bs = [p["batch"] for p in pts]
-        for kind, style in (("real", "-o"), ("null", "--x")):
-            ys = [(p[kind] or {}).get("mse") for p in pts]
-            es = [(p[kind] or {}).get("mse_std") or 0.0 for p in pts]
-            if any(y is None for y in ys):
-                continue
-            label = attack.upper() + (" (null: shuffle)" if kind == "null" else "")
-            ax.errorbar(bs, ys, yerr=es, fmt=style, color=color, label=label, capsize=3,
-                        alpha=1.0 if kind == "real" else 0.6)
+    C.attack_errorbars(ax, points, x="batch", metric="mse", attacks=ATTACKS)
     ax.set_xscale("log", base=2)
     batches = sorted({p["batch"] for p in points})
     ax.set_xticks(batches, [str(b) for b in batches])
@@ -79,11 +69,7 @@ def main(argv=None) -> int:
     fm = C.fm_fields(args)
     optimizer, lr = C.OPTIMIZERS[args.optimizer]
     result = {
-        "what": "FM paper Figure 3 re-run: reconstruction MSE vs client batch size B, SME vs FM, with nulls",
-        **C.provenance("figure3.py", argv),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs")},
-        "fm_fields": fm,
-        "budget": {"ours": {a: iterations[a] for a in ATTACKS}, "paper": {a: C.PAPER_BUDGETS[a] for a in ATTACKS}},
+        **C.result_header("figure3.py", argv, args, what=WHAT, attacks=ATTACKS, iterations=iterations, fm=fm),
         "paper": "Figure 3 is a plot only; no values in the text",
         "png": png,
         "points": [],
@@ -96,46 +82,29 @@ def main(argv=None) -> int:
                                              lr=lr, reading=args.reading)
         per_attack = {a: {"real": [], "null": []} for a in ATTACKS}
         for seed in args.seeds:
-            data = C.load_clients(args.dataset, args.split, clients=args.clients, samples=samples, seed=seed,
-                                  image_size=args.image_size)
-            if prior is None:
-                prior, result["prior"] = C.resolve_prior(args.prior, data.images.shape[1:], runs)
+            data, prior = C.seed_clients(args, runs, prior, samples=samples, seed=seed)
             cap = C.client_capture(data, model=args.model, width=args.width, protocol=protocol, samples=samples,
                                    seed=seed, checkpoint=args.victim_checkpoint)
-            for attack in ATTACKS:
-                overrides = C.attack_overrides(attack, iterations[attack], labels=args.labels, prior=prior,
-                                               fm=fm)
-                rows = C.run_cell(attack, cap, runs / f"B{batch}" / f"seed{seed}", overrides=overrides,
-                                  options=C.driver_options(args, iterations[attack]), seed=seed,
-                                  null=not args.no_null, force=args.force)
-                for kind, row in rows.items():
-                    per_attack[attack][kind].append(row)
-                print(f"[B={batch} seed {seed}] {attack}: MSE {C.fmt(rows['real']['mse'])}"
-                      + (f" (null {C.fmt(rows['null']['mse'])})" if "null" in rows else ""), flush=True)
-        for attack, v in per_attack.items():
-            points.append({"batch": batch, "samples": samples, "attack": attack, "iterations": iterations[attack],
-                           "protocol": {**protocol.as_meta(samples), "reading": args.reading},
-                           "real": C.aggregate(v["real"]), "null": C.aggregate(v["null"]) if v["null"] else None,
-                           "per_seed": v})
-        result.update(points=points, wall_seconds=round(time.time() - t0, 1))
+            C.attack_cells(ATTACKS, cap, runs / f"B{batch}" / f"seed{seed}", seed=seed, args=args,
+                           iterations=iterations, prior=prior.name, fm=fm, per_attack=per_attack,
+                           tag=f"B={batch} seed {seed}")
+        points += [{"batch": batch, "samples": samples, "attack": attack, "iterations": iterations[attack],
+                    "protocol": {**protocol.as_meta(samples), "reading": args.reading}, **C.seed_summary(v)}
+                   for attack, v in per_attack.items()]
+        result.update(points=points, prior=prior.info, wall_seconds=round(time.time() - t0, 1))
         C.write_results(out_json, result)
 
     title = (f"{args.dataset} {args.split}, {args.model}, FedAvg {args.local_batches} x B, local {args.optimizer} "
              f"{lr:g}\n{len(args.seeds)} seed(s) x {args.clients} clients, SME {iterations['sme']} / FM "
              f"{iterations['fm']} iterations"
-             + ("; SMOKE (random prior)" if result["prior"].get("random") else ""))
+             + ("; SMOKE (random prior)" if prior.info.get("random") else ""))
     plot(points, png, title=title)
     header = ["B", "images / client", "attack", "iters (paper)", "MSE", "MSE std", "PSNR", "SSIM", "null MSE"]
     table = [[p["batch"], p["samples"], p["attack"], f"{p['iterations']} ({C.PAPER_BUDGETS[p['attack']]})",
               p["real"]["mse"], p["real"]["mse_std"], p["real"]["psnr"], p["real"]["ssim"],
               (p["null"] or {}).get("mse")] for p in points]
-    print()
-    print(C.markdown_table(header, table))
-    print(f"\nprior {result['prior']['source']} (FD-AlexNet {C.fmt(result['prior'].get('fd_alexnet'))}); "
-          f"the paper's Figure 3 has no values in its text")
-    if result["prior"].get("random"):
-        print("WARNING: " + result["prior"]["warning"])
-    print(f"wrote {out_json} and {png}")
+    C.print_table(header, table, prior_info=prior.info, written=f"{out_json} and {png}",
+                  after="the paper's Figure 3 has no values in its text")
     return 0
 
 

@@ -35,11 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attacks", nargs="+", choices=("sme", "fm"), default=["sme", "fm"])
     C.add_attacked_client_args(p)
     p.add_argument("--png", default=None, help="plot (default: next to --out, .png)")
-    C.add_common_args(p)
-    C.add_server_args(p)
-    args = p.parse_args(argv)
-    C.apply_quick(args)
-    C.apply_quick_server(args)
+    args = C.parse_common(p, argv, server=True)
     if args.quick:
         args.epochs = [0, 1]
     if any(e < 0 for e in args.epochs):
@@ -56,17 +52,7 @@ def plot(points: list[dict], accuracy: dict[int, float | None], path, *, title: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=120)
-    colors = {"sme": "tab:blue", "fm": "tab:red"}
-    for attack in sorted({p["attack"] for p in points}):
-        pts = [p for p in points if p["attack"] == attack]
-        for kind, style in (("real", "-o"), ("null", "--x")):
-            ys = [(p[kind] or {}).get("ssim") for p in pts]
-            if any(y is None for y in ys):
-                continue
-            es = [(p[kind] or {}).get("ssim_std") or 0.0 for p in pts]
-            ax.errorbar([p["epoch"] for p in pts], ys, yerr=es, fmt=style, color=colors.get(attack), capsize=3,
-                        label=attack.upper() + (" (null: shuffle)" if kind == "null" else ""),
-                        alpha=1.0 if kind == "real" else 0.6)
+    C.attack_errorbars(ax, points, x="epoch", metric="ssim", attacks=sorted({p["attack"] for p in points}))
     ax.set_xlabel("global FedAvg epoch of the attacked weights")
     ax.set_ylabel("reconstruction SSIM")
     epochs = sorted(accuracy)
@@ -108,33 +94,30 @@ def main(argv=None) -> int:
     for epoch in args.epochs:
         per_attack = {a: {"real": [], "null": []} for a in args.attacks}
         for seed in args.seeds:
-            data = C.load_clients(args.dataset, args.split, clients=args.clients, samples=samples, seed=seed,
-                                  image_size=args.image_size)
-            if prior is None:
-                prior, result["prior"] = C.resolve_prior(args.prior, data.images.shape[1:], runs)
+            data, prior = C.seed_clients(args, runs, prior, samples=samples, seed=seed)
             # epoch 0 is the run's initial weights (init seed 0), which the run folder does not keep
             cap = C.client_capture(data, model=args.model, width=args.width, protocol=protocol, samples=samples,
                                    seed=seed, checkpoint=run if epoch else None,
                                    global_epoch=epoch if epoch else None)
             out = C.trained_cell_dir(runs, args, model=args.model, width=args.width, defense="none", epoch=epoch,
                                      seed=seed)
-            C.attack_cells(args.attacks, cap, out, seed=seed, args=args, iterations=iterations, prior=prior, fm=fm,
-                           per_attack=per_attack, tag=f"epoch {epoch} seed {seed}")
+            C.attack_cells(args.attacks, cap, out, seed=seed, args=args, iterations=iterations,
+                           prior=prior.name, fm=fm, per_attack=per_attack, tag=f"epoch {epoch} seed {seed}")
         points += [{"epoch": epoch, "attack": attack, "test_accuracy": accuracy[epoch], **entry}
                    for attack, entry in C.summarize(per_attack, iterations).items()]
-        result.update(points=points, wall_seconds=round(time.time() - t0, 1))
+        result.update(points=points, prior=prior.info, wall_seconds=round(time.time() - t0, 1))
         C.write_results(out_json, result)
 
     title = (f"{args.dataset}, {args.model}, FedAvg ({args.train_clients} x {args.train_samples} train images, local "
              f"{args.train_optimizer} {args.train_lr:g})\nattacked: B = {args.batch}, local {args.optimizer} {lr:g}; "
              f"{len(args.seeds)} seed(s) x {args.clients} clients"
-             + ("; SMOKE (random prior)" if result["prior"].get("random") else ""))
+             + ("; SMOKE (random prior)" if prior.info.get("random") else ""))
     plot(points, accuracy, png, title=title)
     header = ["epoch", "test acc %", "attack", "iters (paper)", "PSNR", "SSIM", "SSIM std", "null SSIM"]
     table = [[p["epoch"], None if p["test_accuracy"] is None else 100 * p["test_accuracy"], p["attack"],
               f"{p['iterations']} ({C.PAPER_BUDGETS[p['attack']]})", p["real"]["psnr"], p["real"]["ssim"],
               p["real"]["ssim_std"], (p["null"] or {}).get("ssim")] for p in points]
-    C.print_table(header, table, prior_info=result["prior"], written=f"{out_json} and {png}",
+    C.print_table(header, table, prior_info=prior.info, written=f"{out_json} and {png}",
                   footer="the paper's Figure 4 has no values in its text")
     return 0
 

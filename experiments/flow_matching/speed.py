@@ -62,12 +62,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-
 
 def _torch_unet_module():
     """``experiments/flow_prior/compare_torch.py`` (the PyTorch twin of the prior's UNet), by path."""
-    path = HERE.parent / "flow_prior" / "compare_torch.py"
+    path = C.HERE.parent / "flow_prior" / "compare_torch.py"
     spec = importlib.util.spec_from_file_location("flow_prior_compare_torch", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -193,13 +191,11 @@ def setup(args, attack: str, targets: int):
 def load_unet(args):
     """``(UNetConfig, params, info)`` of the prior (shipped / folder, or random of the same architecture)."""
     from jaxleak import priors
-    from jaxleak.priors import UNetConfig
 
     if args.prior == "random":
         shape = (args.image_size, args.image_size, 3)
-        cfg = priors.preset("small") if shape == (32, 32, 3) and not args.quick else UNetConfig(
-            image_size=args.image_size, channels=3, base_width=8, channel_mult=(1,), num_res_blocks=1,
-            attention_resolutions=(), groups=4)
+        cfg = (priors.preset("small") if shape == (32, 32, 3) and not args.quick
+               else C.tiny_unet_config(args.image_size, 3))
         params = _torch_unet_module().random_params(cfg)
         return cfg, params, {"source": "random", "architecture": cfg.to_dict(),
                              "note": "untrained weights of that architecture (timing does not depend on them)"}
@@ -378,7 +374,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)
     args.image_size = args.image_size or (16 if q else 32)
     args.width = args.width or (8 if q else 64)
-    args.out = Path(args.out or ("/tmp/jaxleak-flow-matching-quick/speed.json" if q else HERE / "results" / "speed.json"))
+    args.out = Path(args.out or (C.QUICK_ROOT / "speed.json" if q else C.HERE / "results" / "speed.json"))
     return args
 
 

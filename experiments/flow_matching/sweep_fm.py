@@ -35,6 +35,8 @@ DEFAULT_GRID = {
 QUICK_GRID = {"lambda_fm": [1e-2], "tau": ["0.6:0.95"], "fm_scale": ["one_minus_tau_sq"],
               "lambda_tv": [1e-3]}
 
+WHAT = "FM hyperparameter sweep on non-evaluation images; chosen = best mean SSIM (lambda_fm > 0)"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,9 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tau", nargs="+", default=None, metavar="START:END")
     p.add_argument("--fm-scale", nargs="+", choices=("none", "one_minus_tau_sq"), default=None)
     p.add_argument("--lambda-tv", type=float, nargs="+", default=None)
-    C.add_common_args(p)
-    args = p.parse_args(argv)
-    C.apply_quick(args)
+    args = C.parse_common(p, argv)
     grid = QUICK_GRID if args.quick else DEFAULT_GRID
     args.lambda_fm = args.lambda_fm or grid["lambda_fm"]
     args.tau = args.tau or grid["tau"]
@@ -76,47 +76,35 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out_json, runs = C.default_paths(args, "sweep_fm")
     iterations = C.budgets(args)
-    protocol, samples = C.fedavg_setting(batch=args.batch, local_batches=args.local_batches,
-                                         optimizer=C.OPTIMIZERS[args.optimizer][0],
-                                         lr=C.OPTIMIZERS[args.optimizer][1], reading=args.reading)
+    protocol, samples, _ = C.attacked_clients(args)
     cells = settings(args)
     result = {
-        "what": "FM hyperparameter sweep on non-evaluation images; chosen = best mean SSIM (lambda_fm > 0)",
-        **C.provenance("sweep_fm.py", argv),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs")},
-        "protocol": {**protocol.as_meta(samples), "reading": args.reading},
-        "budget": {"ours": {"sme": iterations["sme"], "fm": iterations["fm"]},
-                   "paper": {"sme": C.PAPER_BUDGETS["sme"], "fm": C.PAPER_BUDGETS["fm"]}},
+        **C.result_header("sweep_fm.py", argv, args, what=WHAT, attacks=("sme", "fm"), iterations=iterations,
+                          protocol=protocol, samples=samples),
         "rows": [],
     }
     prior = None
     per_seed: dict[str, dict[str, list]] = {label: {"real": [], "null": []} for label, _, _ in cells}
     t0 = time.time()
     for seed in args.seeds:
-        data = C.load_clients(args.dataset, args.split, clients=args.clients, samples=samples, seed=seed,
-                              image_size=args.image_size)
-        if prior is None:
-            prior, result["prior"] = C.resolve_prior(args.prior, data.images.shape[1:], runs)
+        data, prior = C.seed_clients(args, runs, prior, samples=samples, seed=seed)
         cap = C.client_capture(data, model=args.model, width=args.width, protocol=protocol, samples=samples,
                                seed=seed, checkpoint=args.victim_checkpoint)
         for i, (label, attack, extra) in enumerate(cells):
             overrides = C.attack_overrides(attack, iterations[attack], labels=args.labels,
-                                           prior=prior if extra.get("lambda_fm", 1.0) > 0 else None,
+                                           prior=prior.name if extra.get("lambda_fm", 1.0) > 0 else None,
                                            extra=extra)
-            rows = C.run_cell(attack, cap, runs / f"seed{seed}" / f"cell{i:03d}", overrides=overrides,
+            cell = C.run_cell(attack, cap, runs / f"seed{seed}" / f"cell{i:03d}", overrides=overrides,
                               options=C.driver_options(args, iterations[attack]), seed=seed,
                               null=not args.no_null, force=args.force)
-            for kind, row in rows.items():
+            for kind, row in cell.items():
                 per_seed[label][kind].append(row)
-            print(f"[seed {seed}] {label}: PSNR {C.fmt(rows['real']['psnr'])} SSIM {C.fmt(rows['real']['ssim'])}"
-                  + (f" (null SSIM {C.fmt(rows['null']['ssim'])})" if "null" in rows else ""), flush=True)
-        result["rows"] = [
-            {"label": label, "attack": attack, "config": extra,
-             "real": C.aggregate(per_seed[label]["real"]),
-             "null": C.aggregate(per_seed[label]["null"]) if per_seed[label]["null"] else None,
-             "per_seed": per_seed[label]}
-            for label, attack, extra in cells]
-        result["wall_seconds"] = round(time.time() - t0, 1)
+            print(f"[seed {seed}] {label}: PSNR {C.fmt(cell['real']['psnr'])} "
+                  f"SSIM {C.fmt(cell['real']['ssim'])}"
+                  + (f" (null SSIM {C.fmt(cell['null']['ssim'])})" if "null" in cell else ""), flush=True)
+        rows = [{"label": label, "attack": attack, "config": extra, **C.seed_summary(per_seed[label])}
+                for label, attack, extra in cells]
+        result.update(rows=rows, prior=prior.info, wall_seconds=round(time.time() - t0, 1))
         C.write_results(out_json, result)
 
     fm_rows = [r for r in result["rows"] if r["config"].get("lambda_fm", 0) > 0]
@@ -142,9 +130,9 @@ def main(argv=None) -> int:
     c = result["chosen"]
     print(f"\nchosen (best mean SSIM, lambda_fm > 0): {c['label']}: SSIM {C.fmt(c['ssim'])} vs "
           f"{C.fmt(c['ssim_lambda_fm_0_same_tv'])} at lambda_fm = 0 (same tv) and {C.fmt(c['ssim_sme'])} for SME")
-    if result["prior"].get("random"):
-        print("WARNING: " + result["prior"]["warning"])
-    print(f"prior: {result['prior']['source']} (FD-AlexNet {C.fmt(result['prior'].get('fd_alexnet'))}); "
+    if prior.info.get("random"):
+        print("WARNING: " + prior.info["warning"])
+    print(f"prior: {prior.info['source']} (FD-AlexNet {C.fmt(prior.info.get('fd_alexnet'))}); "
           f"{args.clients} clients x {len(args.seeds)} seeds, {args.dataset}:{args.split}, B = {args.batch}, "
           f"local {args.optimizer}; paper's budget: FM {C.PAPER_BUDGETS['fm']}, SME {C.PAPER_BUDGETS['sme']}")
     print(f"wrote {out_json}")

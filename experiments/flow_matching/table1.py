@@ -38,11 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epoch", type=int, default=2, help="global FedAvg epoch of the accuracy and the attack")
     p.add_argument("--attacks", nargs="+", choices=("sme", "fm"), default=["fm"])
     C.add_attacked_client_args(p)
-    C.add_common_args(p)
-    C.add_server_args(p)
-    args = p.parse_args(argv)
-    C.apply_quick(args)
-    C.apply_quick_server(args)
+    args = C.parse_common(p, argv, server=True)
     if args.quick:
         args.epoch, args.stds = 1, args.stds[:2]
     if any(s < 0 for s in args.stds):
@@ -66,7 +62,7 @@ def main(argv=None) -> int:
         "paper": {"columns": ("test_accuracy_percent", "ssim"), "rows": PAPER, "stds": "lost in extraction"},
         "rows": [],
     }
-    prior = prior_info = None
+    prior = None
     t0 = time.time()
     rows = []
     for std in args.stds:
@@ -75,22 +71,19 @@ def main(argv=None) -> int:
                                     defense=defense)
         per_attack = {a: {"real": [], "null": []} for a in args.attacks}
         for seed in args.seeds:
-            data = C.load_clients(args.dataset, args.split, clients=args.clients, samples=samples, seed=seed,
-                                  image_size=args.image_size)
-            if prior is None:
-                prior, prior_info = C.resolve_prior(args.prior, data.images.shape[1:], runs)
+            data, prior = C.seed_clients(args, runs, prior, samples=samples, seed=seed)
             cap = C.client_capture(data, model=args.model, width=args.width, protocol=protocol, samples=samples,
                                    seed=seed, defense=defense, checkpoint=run, global_epoch=args.epoch)
             out = C.trained_cell_dir(runs, args, model=args.model, width=args.width, defense=defense,
                                      epoch=args.epoch, seed=seed)
-            C.attack_cells(args.attacks, cap, out, seed=seed, args=args, iterations=iterations, prior=prior, fm=fm,
-                           per_attack=per_attack, tag=f"std {std:g} seed {seed}")
+            C.attack_cells(args.attacks, cap, out, seed=seed, args=args, iterations=iterations,
+                           prior=prior.name, fm=fm, per_attack=per_attack, tag=f"std {std:g} seed {seed}")
         rows.append({
             "std": std, "defense": defense, "server_run": run, "global_epoch": args.epoch,
             "test_accuracy": C.accuracy_at(history, args.epoch),
             "attacks": C.summarize(per_attack, iterations),
         })
-        result.update(rows=rows, prior=prior_info, wall_seconds=round(time.time() - t0, 1))
+        result.update(rows=rows, prior=prior.info, wall_seconds=round(time.time() - t0, 1))
         C.write_results(out_json, result)
 
     header = ["noise std", "test acc %"] + [f"{a.upper()} {m}" for a in args.attacks for m in ("PSNR", "SSIM",
@@ -105,7 +98,7 @@ def main(argv=None) -> int:
             line += [r["psnr"], r["ssim"], n.get("ssim")]
         line.append(f"{PAPER[i][0]:.2f}, {PAPER[i][1]:.3f}" if i < len(PAPER) else "-")
         table.append(line)
-    C.print_table(header, table, prior_info=prior_info, written=str(out_json), footer=(
+    C.print_table(header, table, prior_info=prior.info, written=str(out_json), footer=(
         f"{args.model} after global epoch {args.epoch} of FedAvg ({args.train_clients} clients x "
         f"{args.train_samples} {args.dataset} train images, local {args.train_optimizer} {args.train_lr:g}, "
         f"noise on every update); attacked clients: B = {args.batch}, local {args.optimizer} {lr:g}, the same "

@@ -57,6 +57,8 @@ PAPER_COLUMNS = ("psnr", "ssim", "lpips_vgg", "lpips_alex", "fmse", "mse", "tv",
 # Per-attack overrides beyond budget / labels / prior.
 EXTRA = {"gradinversion": {"group_size": 5}}  # the paper: "500 iterations across 5 optimization seeds"
 
+WHAT = "FM paper Table 2 re-run (convnet-sme, FedAvg, 5 local batches); every cell with its null"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -67,9 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "default both (--quick: adam)")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="client batch sizes B (default 1 4)")
     p.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
-    C.add_common_args(p)
-    args = p.parse_args(argv)
-    C.apply_quick(args)
+    args = C.parse_common(p, argv)
     args.datasets = args.datasets or (["cifar10"] if args.quick else ["cifar10", "tinyimagenet32"])
     args.optimizers = args.optimizers or (["adam"] if args.quick else ["adam", "sgd"])
     args.batches = args.batches or ([1] if args.quick else [1, 4])
@@ -82,18 +82,14 @@ def main(argv=None) -> int:
     iterations = C.budgets(args)
     fm = C.fm_fields(args)
     result = {
-        "what": "FM paper Table 2 re-run (convnet-sme, FedAvg, 5 local batches); every cell with its null",
-        **C.provenance("table2.py", argv),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs")},
-        "fm_fields": fm,
-        "budget": {"ours": {a: iterations[a] for a in args.attacks},
-                   "paper": {a: C.PAPER_BUDGETS[a] for a in args.attacks}},
+        **C.result_header("table2.py", argv, args, what=WHAT, attacks=args.attacks, iterations=iterations,
+                          fm=fm),
         "paper": {"columns": PAPER_COLUMNS, "rows": PAPER},
         "memory_note": "peak_rss_bytes is the process's peak so far (covers earlier cells); "
                        "peak_device_bytes likewise on a GPU",
         "cells": [],
     }
-    priors: dict[tuple, tuple[str, dict]] = {}
+    priors: dict[tuple, C.Prior] = {}
     t0 = time.time()
     cells = []
     for dataset in args.datasets:
@@ -112,28 +108,16 @@ def main(argv=None) -> int:
                     prior, prior_info = priors.get(shape, (None, None))
                     cap = C.client_capture(data, model=args.model, width=args.width, protocol=protocol,
                                            samples=samples, seed=seed, checkpoint=args.victim_checkpoint)
-                    for attack in args.attacks:
-                        overrides = C.attack_overrides(attack, iterations[attack], labels=args.labels,
-                                                       prior=prior, extra=EXTRA.get(attack), fm=fm)
-                        out = runs / dataset / f"{opt_name}-B{batch}" / f"seed{seed}"
-                        rows = C.run_cell(attack, cap, out, overrides=overrides,
-                                          options=C.driver_options(args, iterations[attack]), seed=seed,
-                                          null=not args.no_null, force=args.force)
-                        for kind, row in rows.items():
-                            per_attack[attack][kind].append(row)
-                        print(f"[{dataset} {opt_name} B={batch} seed {seed}] {attack}: "
-                              f"PSNR {C.fmt(rows['real']['psnr'])} SSIM {C.fmt(rows['real']['ssim'])}"
-                              + (f" (null {C.fmt(rows['null']['psnr'])} / {C.fmt(rows['null']['ssim'])})"
-                                 if "null" in rows else ""), flush=True)
+                    out = runs / dataset / f"{opt_name}-B{batch}" / f"seed{seed}"
+                    C.attack_cells(args.attacks, cap, out, seed=seed, args=args, iterations=iterations,
+                                   prior=prior, fm=fm, per_attack=per_attack, extra=EXTRA,
+                                   tag=f"{dataset} {opt_name} B={batch} seed {seed}")
                 cells.append({
                     "dataset": dataset, "optimizer": opt_name, "lr": lr, "batch": batch, "samples": samples,
                     "protocol": {**protocol.as_meta(samples), "reading": args.reading},
                     "prior": prior_info,
                     "attacks": {a: {"iterations": iterations[a], "overrides": EXTRA.get(a, {}),
-                                    "real": C.aggregate(v["real"]),
-                                    "null": C.aggregate(v["null"]) if v["null"] else None,
-                                    "per_seed": v}
-                                for a, v in per_attack.items()},
+                                    **C.seed_summary(v)} for a, v in per_attack.items()},
                 })
                 result["cells"] = cells
                 result["wall_seconds"] = round(time.time() - t0, 1)

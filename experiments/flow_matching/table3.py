@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                   "attack": "fm"},
         "rows": [],
     }
-    prior = prior_info = None
+    prior = None
     t0 = time.time()
     rows = []
     for model in args.models:
@@ -107,22 +107,19 @@ def main(argv=None) -> int:
         accuracy = C.accuracy_at(history, args.epoch)
         per_attack = {a: {"real": [], "null": []} for a in ATTACKS}
         for seed in args.seeds:
-            data = C.load_clients(args.dataset, args.split, clients=args.clients, samples=samples, seed=seed,
-                                  image_size=args.image_size)
-            if prior is None:
-                prior, prior_info = C.resolve_prior(args.prior, data.images.shape[1:], runs)
+            data, prior = C.seed_clients(args, runs, prior, samples=samples, seed=seed)
             cap = C.client_capture(data, model=model, width=width, protocol=protocol, samples=samples, seed=seed,
                                    checkpoint=run, global_epoch=args.epoch)
             out = C.trained_cell_dir(runs, args, model=model, width=width, defense="none", epoch=args.epoch,
                                      seed=seed)
-            C.attack_cells(ATTACKS, cap, out, seed=seed, args=args, iterations=iterations, prior=prior, fm=fm,
-                           per_attack=per_attack, tag=f"{model} epoch {args.epoch} seed {seed}")
+            C.attack_cells(ATTACKS, cap, out, seed=seed, args=args, iterations=iterations, prior=prior.name,
+                           fm=fm, per_attack=per_attack, tag=f"{model} epoch {args.epoch} seed {seed}")
         rows.append({
             "model": model, "width": width, "parameters": param_count(model, width, data), "server_run": run,
             "global_epoch": args.epoch, "test_accuracy": accuracy,
             "attacks": C.summarize(per_attack, iterations),
         })
-        result.update(rows=rows, prior=prior_info, wall_seconds=round(time.time() - t0, 1))
+        result.update(rows=rows, prior=prior.info, wall_seconds=round(time.time() - t0, 1))
         C.write_results(out_json, result)
 
     header = ["model", "width", "params", "test acc", "attack", "iters (paper)", "PSNR", "SSIM", "LPIPS(V)",
@@ -137,7 +134,7 @@ def main(argv=None) -> int:
                           r["lpips_vgg"], r["lpips_alex"], r["mse"], r["tv"],
                           f"{C.fmt(n.get('psnr'))} / {C.fmt(n.get('ssim'))}",
                           " / ".join(C.fmt(v) for v in paper) if paper else "-"])
-    C.print_table(header, table, prior_info=prior_info, written=str(out_json), footer=(
+    C.print_table(header, table, prior_info=prior.info, written=str(out_json), footer=(
         f"means over {len(args.seeds)} seed(s) x {args.clients} clients, {args.dataset}:{args.split}, B = "
         f"{args.batch}, local {args.optimizer} {lr:g}; server weights after global epoch {args.epoch} of "
         f"FedAvg ({args.train_clients} clients x {args.train_samples} train images, local "

@@ -55,6 +55,8 @@ PAPER = {
              "fm": (20.861, 0.621, 0.288, 0.087, 0.669, 0.023, 0.057)},
 }
 
+WHAT = "FM paper Table 4 re-run: defenses (capture defense chain) x SME / FM; every cell with its null"
+
 
 def defenses(args) -> list[tuple[str, str, str, int | None]]:
     """``(row label, paper group, --defense spelling, precode)`` of every row."""
@@ -81,9 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precode", type=int, default=256, help="PRECODE bottleneck size (its paper: 256)")
     p.add_argument("--dlf", action="store_true", help="also DLF (optional in the issue)")
     p.add_argument("--only", nargs="+", default=None, help="run only rows whose label starts with these")
-    C.add_common_args(p)
-    args = p.parse_args(argv)
-    C.apply_quick(args)
+    args = C.parse_common(p, argv)
     if args.quick:
         args.gaussian_stds = args.gaussian_stds[1:2]
         if args.precode == 256:
@@ -103,56 +103,34 @@ def main(argv=None) -> int:
     iterations = C.budgets(args)
     fm = C.fm_fields(args)
     attacks = ["sme", "fm"] + (["dlf"] if args.dlf else [])
-    optimizer, lr = C.OPTIMIZERS[args.optimizer]
-    protocol, samples = C.fedavg_setting(batch=args.batch, local_batches=args.local_batches, optimizer=optimizer,
-                                         lr=lr, reading=args.reading)
+    protocol, samples, lr = C.attacked_clients(args)
     rows_spec = [r for r in defenses(args) if not args.only or any(r[0].startswith(o) for o in args.only)]
     result = {
-        "what": "FM paper Table 4 re-run: defenses (capture defense chain) x SME / FM; every cell with its null",
-        **C.provenance("table4.py", argv),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs")},
-        "fm_fields": fm,
-        "protocol": {**protocol.as_meta(samples), "reading": args.reading},
-        "budget": {"ours": {a: iterations[a] for a in attacks}, "paper": {a: C.PAPER_BUDGETS[a] for a in attacks}},
+        **C.result_header("table4.py", argv, args, what=WHAT, attacks=attacks, iterations=iterations, fm=fm,
+                          protocol=protocol, samples=samples),
         "paper": {"columns": ("psnr", "ssim", "lpips_vgg", "lpips_alex", "fmse", "mse", "tv"), "rows": PAPER},
         "rows": [],
     }
-    prior = prior_info = None
+    prior = None
     t0 = time.time()
     out_rows = []
     for label, group, spelling, precode in rows_spec:
         per_attack = {a: {"real": [], "null": []} for a in attacks}
         rms = []
         for seed in args.seeds:
-            data = C.load_clients(args.dataset, args.split, clients=args.clients, samples=samples, seed=seed,
-                                  image_size=args.image_size)
-            if prior is None:
-                prior, prior_info = C.resolve_prior(args.prior, data.images.shape[1:], runs)
+            data, prior = C.seed_clients(args, runs, prior, samples=samples, seed=seed)
             cap = C.client_capture(data, model=args.model, width=args.width, protocol=protocol, samples=samples,
                                    seed=seed, defense=spelling, precode=precode,
                                    checkpoint=args.victim_checkpoint)
             rms.append(update_rms(cap))
-            for attack in attacks:
-                overrides = C.attack_overrides(attack, iterations[attack], labels=args.labels, prior=prior,
-                                               fm=fm)
-                out = runs / label.replace(" ", "_").replace("=", "") / f"seed{seed}"
-                rows = C.run_cell(attack, cap, out, overrides=overrides,
-                                  options=C.driver_options(args, iterations[attack]), seed=seed,
-                                  null=not args.no_null, force=args.force)
-                for kind, row in rows.items():
-                    per_attack[attack][kind].append(row)
-                print(f"[{label} seed {seed}] {attack}: PSNR {C.fmt(rows['real']['psnr'])} "
-                      f"SSIM {C.fmt(rows['real']['ssim'])}"
-                      + (f" (null {C.fmt(rows['null']['psnr'])} / {C.fmt(rows['null']['ssim'])})"
-                         if "null" in rows else ""), flush=True)
+            out = runs / label.replace(" ", "_").replace("=", "") / f"seed{seed}"
+            C.attack_cells(attacks, cap, out, seed=seed, args=args, iterations=iterations, prior=prior.name,
+                           fm=fm, per_attack=per_attack, tag=f"{label} seed {seed}")
         out_rows.append({
             "label": label, "paper_group": group, "defense": spelling, "precode": precode,
-            "update_rms": float(np.mean(rms)),
-            "attacks": {a: {"iterations": iterations[a], "real": C.aggregate(v["real"]),
-                            "null": C.aggregate(v["null"]) if v["null"] else None, "per_seed": v}
-                        for a, v in per_attack.items()},
+            "update_rms": float(np.mean(rms)), "attacks": C.summarize(per_attack, iterations),
         })
-        result.update(rows=out_rows, prior=prior_info, wall_seconds=round(time.time() - t0, 1))
+        result.update(rows=out_rows, prior=prior.info, wall_seconds=round(time.time() - t0, 1))
         C.write_results(out_json, result)
 
     header = ["defense", "update RMS", "attack", "iters (paper)", "PSNR", "SSIM", "LPIPS(V)", "LPIPS(A)", "FMSE",
@@ -167,14 +145,9 @@ def main(argv=None) -> int:
                           r["lpips_vgg"], r["lpips_alex"], r["fmse"], r["mse"], r["tv"],
                           f"{C.fmt(n.get('psnr'))} / {C.fmt(n.get('ssim'))}",
                           " / ".join(C.fmt(v) for v in paper) if paper else "-"])
-    print()
-    print(C.markdown_table(header, table))
-    print(f"\nmeans over {len(args.seeds)} seed(s) x {args.clients} clients, {args.dataset}:{args.split}, "
-          f"B = {args.batch}, local {args.optimizer} {lr:g}; prior {prior_info['source']} "
-          f"(FD-AlexNet {C.fmt(prior_info.get('fd_alexnet'))}); paper rows: its Table 4 (none: Table 2)")
-    if prior_info.get("random"):
-        print("WARNING: " + prior_info["warning"])
-    print(f"wrote {out_json}")
+    C.print_table(header, table, prior_info=prior.info, written=str(out_json), footer=(
+        f"means over {len(args.seeds)} seed(s) x {args.clients} clients, {args.dataset}:{args.split}, "
+        f"B = {args.batch}, local {args.optimizer} {lr:g}"), after="paper rows: its Table 4 (none: Table 2)")
     return 0
 
 
