@@ -161,7 +161,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, seeds: Sequence[int] = (
                    help="FM's lambda_fm / tau / fm_scale / tv from sweep_fm.py's chosen setting (default: the "
                         "library's FMConfig defaults)")
     g.add_argument("--fm", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="FM config fields (lambda_fm, tau_start, tau_end, fm_scale, tv), after --fm-from-sweep")
+                   help="FM config fields (lambda_fm, tau_start, tau_end, fm_scale, tv, space), after --fm-from-sweep")
     g.add_argument("--no-null", action="store_true", help="skip the shuffle null controls (not for tables)")
     g.add_argument("--chunk", type=int, default=None, help="driver: iterations per compiled call")
     g.add_argument("--target-batch", type=int, default=None, help="driver: targets per compiled call")
@@ -227,7 +227,7 @@ def fm_fields(args: argparse.Namespace) -> dict[str, Any]:
         name, _, value = item.partition("=")
         if not value:
             raise SystemExit(f"--fm takes FIELD=VALUE, got {item!r}")
-        fields[name] = value if name == "fm_scale" else float(value)
+        fields[name] = value if name in ("fm_scale", "space") else float(value)
     return fields
 
 

@@ -49,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tau", nargs="+", default=None, metavar="START:END")
     p.add_argument("--fm-scale", nargs="+", choices=("none", "one_minus_tau_sq"), default=None)
     p.add_argument("--lambda-tv", type=float, nargs="+", default=None)
+    p.add_argument("--space", choices=("normalized", "pixel"), default=None,
+                   help="FM's image space in every FM cell (default: FMConfig's, normalized); use its own --runs")
     args = C.parse_common(p, argv)
     grid = QUICK_GRID if args.quick else DEFAULT_GRID
     args.lambda_fm = args.lambda_fm or grid["lambda_fm"]
@@ -62,13 +64,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def settings(args) -> list[tuple[str, str, dict]]:
     """``(label, attack, config overrides)`` of every cell: SME once, then the FM grid."""
+    space = {"space": args.space} if args.space else {}
+    tag = f" space={args.space}" if args.space else ""
     cells = [("sme (SME defaults, tv 0.01)", "sme", {})]
     for tv in args.lambda_tv:
-        cells.append((f"fm lambda_fm=0 tv={tv:g}", "fm", {"lambda_fm": 0.0, "tv": tv}))
+        cells.append((f"fm lambda_fm=0 tv={tv:g}{tag}", "fm", {"lambda_fm": 0.0, "tv": tv, **space}))
     for lam, tau, scale, tv in itertools.product(args.lambda_fm, args.tau, args.fm_scale, args.lambda_tv):
         start, end = (float(v) for v in tau.split(":"))
-        cells.append((f"fm lambda_fm={lam:g} tau={start:g}->{end:g} scale={scale} tv={tv:g}", "fm",
-                      {"lambda_fm": lam, "tau_start": start, "tau_end": end, "fm_scale": scale, "tv": tv}))
+        cells.append((f"fm lambda_fm={lam:g} tau={start:g}->{end:g} scale={scale} tv={tv:g}{tag}", "fm",
+                      {"lambda_fm": lam, "tau_start": start, "tau_end": end, "fm_scale": scale, "tv": tv,
+                       **space}))
     return cells
 
 
