@@ -358,7 +358,9 @@ def integrate(
 
 @functools.partial(jax.jit, static_argnames=("config", "n", "steps", "method"))
 def _sample(params, key, *, config, n, steps, method):
-    velocity = velocity_fn(config, conv_impl="patches")  # the UNet runs inside the solver's loop
+    # XLA's convolutions: forward-only, the solver's loop does not slow them (unlike the attacks' loops,
+    # which also differentiate through the UNet; docs/pitfalls.md)
+    velocity = velocity_fn(config)
     x0 = jax.random.normal(key, (n, *config.image_shape), jnp.float32)
     x1 = integrate(lambda x, t: velocity(params, x, t), x0, steps, method)
     return to_image_space(x1)

@@ -314,11 +314,11 @@ def make_unet(config: UNetConfig, dtype: Any = jnp.float32, conv_impl: str = "xl
 
     ``conv_impl`` changes only the speed (same parameters, same math up to float
     rounding; :class:`jaxleak.models._common.Conv`). ``"xla"`` suits one jitted
-    call (training steps, a batch of regulariser values); ``"patches"`` (im2col)
-    suits the UNet inside a compiled loop (an attack's iterations, the ODE
-    solver): XLA:CPU ran ``lax.conv`` and its gradient ~4x slower inside
-    ``lax.scan`` than as one call, while the im2col version is not slowed
-    (docs/pitfalls.md, BENCHMARKS.md).
+    call (training steps, a batch of regulariser values) and forward-only loops
+    (the sampler); ``"patches"`` (im2col) suits a compiled loop that also
+    differentiates through the UNet (an attack's iterations): there XLA:CPU ran
+    ``lax.conv`` and its gradient ~4x slower than as one call, while the im2col
+    version is not slowed (docs/pitfalls.md, BENCHMARKS.md).
     """
     return UNet(config=config, dtype=dtype, conv_impl=conv_impl)
 
