@@ -676,10 +676,7 @@ def load_prior(path: str | Path, *, ema: bool = True) -> Prior:
       ArtifactError: a missing folder, another kind, or no step saved yet.
     """
     config, train_config, data = read_run_config(path)
-    model = make_unet(config)
-
-    def apply(params, x, t):
-        return model.apply({"params": params}, x, t)
+    apply = velocity_fn(config)
 
     if (Path(path) / artifacts.ARRAYS_DIR).is_dir():
         loaded = artifacts.load_artifact(path, kind=KIND)
