@@ -19,6 +19,7 @@ from jaxleak.attacks.fedavg import (
     make_fm,
     make_sme,
     sme_total_variation,
+    soft_sign,
     surrogate_matching,
 )
 from jaxleak.attacks.optimization import (
@@ -213,6 +214,8 @@ def test_sme_total_variation_is_the_mean_of_both_directions():
     ({"fm_scale": "cubic"}, "fm_scale"),
     ({"tau_end": 1.2}, "tau_start and tau_end"),
     ({"lambda_fm": -1.0}, "lambda_fm"),
+    ({"update_model": "rmsprop"}, "update_model must be one of"),
+    ({"sign_kappa": -1.0}, "sign_kappa"),
 ])
 def test_bad_configs_are_one_line_value_errors(fields, needle):
     with pytest.raises(ValueError, match=needle) as e:
@@ -234,6 +237,33 @@ def test_sme_recovers_a_tiny_image_from_one_sgd_step():
     targets = jax.tree_util.tree_map(lambda a: a[None], target)
     res = run_problem(problem, targets, {"variables": w0, "prior": None}, RunOptions(iterations=200))
     assert float(metrics.psnr(jnp.asarray(res.images[0]), x)[0]) > 40.0
+
+
+# --------------------------------------------------------------------------- Adam clients
+
+ADAM_STEP = Protocol(kind="fedavg", local_epochs=1, local_batch=1, optimizer="adam", lr=0.1)
+
+
+def test_soft_sign_tends_to_sign_and_to_a_multiple_of_g():
+    g = jax.random.normal(jax.random.key(0), (50,)) * jnp.logspace(-3, 1, 50)
+    np.testing.assert_allclose(soft_sign(g, 1e-12), jnp.sign(g), atol=1e-4)
+    big = soft_sign(g, 1e6)
+    np.testing.assert_allclose(big / jnp.linalg.norm(big), g / jnp.linalg.norm(g), atol=1e-5)
+
+
+def test_adam_update_model_fits_one_adam_step_where_the_gradient_model_does_not():
+    """One local Adam step: u = lr * g / (|g| + eps) at w0. At alpha = 0 and the true image the soft
+    sign of the trial gradient is nearly parallel to u; the raw gradient is not."""
+    victim = get_victim("mlp", image_shape=(4, 4, 1), num_classes=3, hidden=16)
+    w0, x, _, target = _client(victim, 1, protocol=ADAM_STEP)
+    weights = layer_weights(w0["params"])
+    def loss(model, kappa=1e-4):
+        return float(surrogate_matching(victim, w0, target["update"], jnp.float32(0.0), x,
+                                        target["label_probs"], weights, update_model=model, kappa=kappa))
+    assert loss("adam") < 1e-3
+    assert loss("gradient") > 0.1
+    with pytest.raises(ValueError, match="update_model"):
+        loss("sign")
 
 
 # --------------------------------------------------------------------------- CLI

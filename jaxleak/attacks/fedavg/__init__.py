@@ -20,7 +20,7 @@ clients x restarts. A target is ``{"update": w0 - w1, "label_probs": [M, K]}`` a
 flow-latent`` runs them on a capture file (registered in :mod:`._runner`).
 """
 
-from jaxleak.attacks.fedavg._surrogate import surrogate_matching, surrogate_variables
+from jaxleak.attacks.fedavg._surrogate import soft_sign, surrogate_matching, surrogate_variables
 from jaxleak.attacks.fedavg.dlf import DLFConfig, make_dlf, simulated_update
 from jaxleak.attacks.fedavg.latent import FlowLatentConfig, generate, make_flow_latent
 from jaxleak.attacks.fedavg.sme import (
@@ -51,6 +51,7 @@ __all__ = [
     "make_sme",
     "simulated_update",
     "sme_total_variation",
+    "soft_sign",
     "surrogate_matching",
     "surrogate_variables",
 ]

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int
 
-from jaxleak.attacks.fedavg._surrogate import surrogate_matching
+from jaxleak.attacks.fedavg._surrogate import UPDATE_MODELS, soft_sign, surrogate_matching
 from jaxleak.attacks.optimization._attacks import ig_schedule
 from jaxleak.attacks.optimization._driver import Candidate, Problem
 from jaxleak.attacks.optimization._matching import layer_weights
@@ -109,6 +109,13 @@ class SMEConfig:
       init_std: the images start as ``N(0, init_std^2)`` in the optimised space, then boxed (SME: 1).
       labels: ``"known"`` (SME's threat model) or ``"infer"`` (read off the update by the runner).
       restarts: random starts per target, best by matching loss (SME: 1).
+      update_model: ``"gradient"`` (SME's and the FM paper's: ``u`` is parallel to a gradient) or
+        ``"adam"``, this project's variant for Adam clients: the trial gradient goes through the soft
+        sign ``g / (|g| + sign_kappa * rms(g))`` before the cosine (:func:`soft_sign`). Use it with
+        ``alpha_init=0``: at SME's 0.5, an Adam update of lr 0.1 moves ``w_alpha`` so far that the
+        victim's softmax saturates and the trial gradient is exactly zero (measured: matching loss 1.0
+        at every iteration). experiments/flow_matching/README.md, "Adam clients".
+      sign_kappa: the soft sign's relative ``eps`` (0.01; ``update_model="adam"`` only).
     """
 
     iterations: int = 1_000
@@ -124,6 +131,8 @@ class SMEConfig:
     init_std: float = 1.0
     labels: str = "known"
     restarts: int = 1
+    update_model: str = "gradient"
+    sign_kappa: float = 0.01
     label_modes = ("known", "infer")
 
     def __post_init__(self):
@@ -138,6 +147,10 @@ class SMEConfig:
         if self.learning_rate <= 0 or self.alpha_learning_rate <= 0 or self.tv < 0 or self.init_std < 0:
             raise ValueError("learning rates must be > 0, tv and init_std >= 0")
         check_space(self.space, self.mean, self.std)
+        if self.update_model not in UPDATE_MODELS:
+            raise ValueError(f"update_model must be one of {UPDATE_MODELS}, got {self.update_model!r}")
+        if self.sign_kappa < 0:
+            raise ValueError(f"sign_kappa must be >= 0, got {self.sign_kappa}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -298,7 +311,8 @@ def make_sme(victim, config: SMEConfig, *, batch_size: int, protocol, prior: UNe
         velocity = velocity_fn(prior, conv_impl="patches")
 
     def objective(x, alpha, probs, update, shared, it):
-        match = surrogate_matching(victim, shared["variables"], update, alpha, to01(x), probs, weights)
+        match = surrogate_matching(victim, shared["variables"], update, alpha, to01(x), probs, weights,
+                                   update_model=config.update_model, kappa=config.sign_kappa)
         total = match + config.tv * sme_total_variation(x)
         if use_fm:  # a static branch: lambda_fm = 0 is SME's computation exactly
             tau = fm_tau(it, iterations=config.iterations, tau_start=config.tau_start, tau_end=config.tau_end)
@@ -343,6 +357,7 @@ __all__ = [
     "MNIST_MEAN",
     "MNIST_STD",
     "SPACES",
+    "UPDATE_MODELS",
     "FMConfig",
     "SMEConfig",
     "fm_config",
@@ -352,4 +367,5 @@ __all__ = [
     "make_fm",
     "make_sme",
     "sme_total_variation",
+    "soft_sign",
 ]
