@@ -446,7 +446,8 @@ def _finished_with(path: Path, attack: str, overrides: Mapping[str, Any]) -> boo
     """Whether ``path`` (a ``metrics.json``) exists and its run used the whole config ``attack`` would use now.
 
     The whole config, not only ``overrides``: a changed library default (e.g. SME's image space)
-    must not let an old cell pass for a new one.
+    must not let an old cell pass for a new one. A field the old run's config lacks (added to the
+    library since) matches when it is wanted at its default, the behaviour from before it existed.
     """
     import dataclasses
 
@@ -454,11 +455,15 @@ def _finished_with(path: Path, attack: str, overrides: Mapping[str, Any]) -> boo
 
     if not path.exists():
         return False
-    want = json.loads(json.dumps(dataclasses.asdict(get_attack(attack).config(dict(overrides))), default=str))
+    cfg = get_attack(attack).config(dict(overrides))
+    want = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cfg)
+                                      if f.default is not dataclasses.MISSING}, default=str))
     config = json.loads(path.read_text()).get("config") or {}
     same = lambda a, b: a == b or (isinstance(a, int | float) and isinstance(b, int | float)
                                    and math.isclose(a, b, rel_tol=1e-9))
-    return all(k in config and same(config[k], v) for k, v in want.items() if k != "prior")
+    return all(same(config[k], v) if k in config else (k in defaults and same(defaults[k], v))
+               for k, v in want.items() if k != "prior")
 
 
 def run_cell(attack: str, cap, out: Path, *, overrides: Mapping[str, Any], options: Mapping[str, Any],
