@@ -352,3 +352,17 @@ def test_a_prior_of_another_size_is_a_one_line_error(fedavg_files, tmp_path, cap
                         "--prior", tmp_path / "nowhere", "--iterations", "2", "--quiet")
     assert code == 2 and "no prior" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_attack_sme_adam_variant_from_the_cli_and_a_bad_update_model(fedavg_files, tmp_path, capsys):
+    code, _, err = _run(capsys, "attack", "sme", "--captures", fedavg_files["caps"], "--out", tmp_path / "a",
+                        "--set", "update_model=adam", "--set", "alpha_init=0", "--iterations", "5",
+                        "--lpips-net", "none", "--quiet")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert meta["config"]["update_model"] == "adam" and meta["config"]["alpha_init"] == 0.0
+    assert meta["config"]["sign_kappa"] == 0.01
+    code, _, err = _run(capsys, "attack", "sme", "--captures", fedavg_files["caps"], "--out", tmp_path / "b",
+                        "--set", "update_model=rmsprop", "--iterations", "5", "--quiet")
+    assert code == 2 and "update_model must be one of" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
