@@ -21,6 +21,11 @@ Variants of SME (FM where named) on the same captures, each with its ``shuffle``
 
     python experiments/flow_matching/adam_clients.py --quick --prior random   # smoke run
     python experiments/flow_matching/adam_clients.py                          # CPU budget (results/)
+    python experiments/flow_matching/adam_clients.py --saturation             # the check below only
+
+``--saturation`` measures failure (1) directly: after ONE local Adam step on each client's image, the
+norm of the trial gradient at ``w_alpha = w0 - alpha u`` for the attack's start images (``N(0, 1)``
+boxed to [0, 1], SME's pixel-space start) and the victim's probability of the label there.
 """
 
 from __future__ import annotations
@@ -53,11 +58,58 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     p.add_argument("--sgd-control", action=argparse.BooleanOptionalAction, default=True,
                    help="also run `sme` on SGD 0.004 clients of the same images")
+    p.add_argument("--saturation", action="store_true",
+                   help="only measure the trial gradient's norm along alpha after one Adam step (seconds)")
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.01, 0.1, 0.25, 0.5])
     return C.parse_common(p, argv)
+
+
+def saturation(args: argparse.Namespace, argv) -> int:
+    """Trial-gradient norm and label probability along ``alpha`` after one local Adam 0.1 step."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxleak import audit
+    from jaxleak.attacks.fedavg import surrogate_variables
+    from jaxleak.attacks.optimization import dummy_gradient
+    from jaxleak.protocols import local_update
+
+    out_json, _ = C.default_paths(args, "adam_saturation")
+    optimizer, lr = C.OPTIMIZERS["adam"]
+    protocol, _ = C.fedavg_setting(batch=1, local_batches=1, optimizer=optimizer, lr=lr, reading=args.reading)
+    rows = []
+    for seed in args.seeds:
+        data = C.load_clients(args.dataset, args.split, clients=args.clients, samples=1, seed=seed,
+                              image_size=args.image_size)
+        victim, w0, _ = audit.build_victim(args.model, dataset=data, width=args.width,
+                                           checkpoint=args.victim_checkpoint)  # the attack cells' weights
+        for i in range(args.clients):
+            x = jnp.asarray(data.images[i:i + 1], jnp.float32)
+            y = jnp.asarray(data.labels[i:i + 1])
+            u = local_update(victim, w0, x, y, jax.random.key(seed), protocol=protocol).update
+            start = jnp.clip(jax.random.normal(jax.random.key(1000 + i), x.shape), 0.0, 1.0)
+            probs = jax.nn.one_hot(y, victim.num_classes)
+            for alpha in args.alphas:
+                v = surrogate_variables(w0, u, jnp.float32(alpha))
+                g = dummy_gradient(victim, v, start, probs)
+                norm = float(jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(g))))
+                logits = victim.module.apply(v, start, train=False)
+                p_label = float(jax.nn.softmax(logits)[0, y[0]])
+                rows.append({"seed": seed, "client": i, "alpha": alpha, "grad_norm": norm, "p_label": p_label})
+                print(f"seed {seed} client {i} alpha {alpha:g}: |trial gradient| {norm:.3e}, "
+                      f"p(label) {p_label:.6f}", flush=True)
+    C.write_results(out_json, {"what": "trial gradient norm along alpha after one local Adam 0.1 step",
+                               **C.provenance("adam_clients.py", argv),
+                               "settings": {k: v for k, v in vars(args).items() if k not in ("out", "runs")},
+                               "rows": rows})
+    print(f"wrote {out_json}")
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.saturation:
+        return saturation(args, argv)
     out_json, runs = C.default_paths(args, "adam_clients")
     iterations = C.budgets(args)
     fm = C.fm_fields(args)
