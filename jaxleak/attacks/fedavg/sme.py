@@ -13,6 +13,11 @@ is SME's public code (JunyiZhu-AI/surrogate_model_extension, NOTES.md section 4)
 0.01, true labels (its threat model: "labels restored separately"); ``labels="infer"`` reads them off
 the update instead (the runner does, :func:`jaxleak.attacks.optimization.prepare_targets`).
 
+**Adam clients** (``update_model="adam"``, this project's variant): a client under local Adam sends
+a near-sign update, which SME's raw-gradient cosine does not fit; the variant matches the soft sign of
+the trial gradient instead (:func:`soft_sign`) and starts ``alpha`` at 0. It recovers images from one
+Adam step, not from several (experiments/flow_matching/README.md, "Adam clients").
+
 **Image space.** SME's code optimises *normalised* images ``(x - mean) / std`` (per channel, the
 dataset's statistics), starts them from N(0, 1) in that space, boxes them to
 ``[-mean / std, (1 - mean) / std]`` (also right after the start) and takes its TV there; its Adam step
