@@ -15,7 +15,7 @@ the update instead (the runner does, :func:`jaxleak.attacks.optimization.prepare
 
 **Adam clients** (``update_model="adam"``, this project's variant): a client under local Adam sends
 a near-sign update, which SME's raw-gradient cosine does not fit; the variant matches the soft sign of
-the trial gradient instead (:func:`soft_sign`) and starts ``alpha`` at 0. It recovers images from one
+the trial gradient instead (``_surrogate.soft_sign``) and starts ``alpha`` at 0. It recovers images from one
 Adam step, not from several (experiments/flow_matching/README.md, "Adam clients").
 
 **Image space.** SME's code optimises *normalised* images ``(x - mean) / std`` (per channel, the
@@ -74,7 +74,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int
 
-from jaxleak.attacks.fedavg._surrogate import UPDATE_MODELS, soft_sign, surrogate_matching
+from jaxleak.attacks.fedavg._surrogate import UPDATE_MODELS, surrogate_matching
 from jaxleak.attacks.optimization._attacks import ig_schedule
 from jaxleak.attacks.optimization._driver import Candidate, Problem
 from jaxleak.attacks.optimization._matching import layer_weights
@@ -116,10 +116,11 @@ class SMEConfig:
       restarts: random starts per target, best by matching loss (SME: 1).
       update_model: ``"gradient"`` (SME's and the FM paper's: ``u`` is parallel to a gradient) or
         ``"adam"``, this project's variant for Adam clients: the trial gradient goes through the soft
-        sign ``g / (|g| + sign_kappa * rms(g))`` before the cosine (:func:`soft_sign`). Use it with
+        sign ``g / (|g| + sign_kappa * rms(g))`` before the cosine (``soft_sign``). Use it with
         ``alpha_init=0``: at SME's 0.5, an Adam update of lr 0.1 moves ``w_alpha`` so far that the
         victim's softmax saturates and the trial gradient is exactly zero (measured on the ConvNet:
-        exactly 0 from alpha = 0.25, 5e-13 at 0.1; matching loss 1.0 at every iteration). experiments/flow_matching/README.md, "Adam clients".
+        exactly 0 from alpha = 0.25, 5e-13 at 0.1; matching loss 1.0 at every iteration;
+        experiments/flow_matching/README.md, "Adam clients").
       sign_kappa: the soft sign's relative ``eps`` (0.01; ``update_model="adam"`` only).
     """
 
@@ -372,5 +373,4 @@ __all__ = [
     "make_fm",
     "make_sme",
     "sme_total_variation",
-    "soft_sign",
 ]
