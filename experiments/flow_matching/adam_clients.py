@@ -68,6 +68,7 @@ def saturation(args: argparse.Namespace, argv) -> int:
     """Trial-gradient norm and label probability along ``alpha`` after one local Adam 0.1 step."""
     import jax
     import jax.numpy as jnp
+    import optax
 
     from jaxleak import audit
     from jaxleak.attacks.fedavg import surrogate_variables
@@ -92,7 +93,7 @@ def saturation(args: argparse.Namespace, argv) -> int:
             for alpha in args.alphas:
                 v = surrogate_variables(w0, u, jnp.float32(alpha))
                 g = dummy_gradient(victim, v, start, probs)
-                norm = float(jnp.sqrt(sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree_util.tree_leaves(g))))
+                norm = float(optax.global_norm(g))
                 logits = victim.module.apply(v, start, train=False)
                 p_label = float(jax.nn.softmax(logits)[0, y[0]])
                 rows.append({"seed": seed, "client": i, "alpha": alpha, "grad_norm": norm, "p_label": p_label})
@@ -116,9 +117,9 @@ def main(argv=None) -> int:
     result = {**C.result_header("adam_clients.py", argv, args, what=WHAT, attacks=sorted({a for a, _ in
                                 VARIANTS.values()}), iterations=iterations, fm=fm),
               "variants": {k: {"attack": a, "overrides": o} for k, (a, o) in VARIANTS.items()}, "cells": []}
-    priors: dict[tuple, C.Prior] = {}
+    prior: C.Prior | None = None
     t0 = time.time()
-    rows, prior_used = [], None
+    rows = []
     for steps in args.local_steps:
         settings = [("adam", v) for v in args.variants] + ([("sgd", "sme")] if args.sgd_control else [])
         for opt_name, variant in settings:
@@ -127,38 +128,27 @@ def main(argv=None) -> int:
             protocol, samples = C.fedavg_setting(batch=1, local_batches=steps, optimizer=optimizer, lr=lr,
                                                  reading=args.reading)
             per_attack = {attack: {"real": [], "null": []}}
-            prior_info = None
             for seed in args.seeds:
-                data = C.load_clients(args.dataset, args.split, clients=args.clients, samples=samples, seed=seed,
-                                      image_size=args.image_size)
-                shape = tuple(data.images.shape[1:])
-                prior = None
-                if attack in C.PRIOR_ATTACKS:
-                    if shape not in priors:
-                        priors[shape] = C.resolve_prior(args.prior, shape, runs)
-                    prior, prior_info = priors[shape]
-                    prior_used = prior_info
+                data, prior = C.seed_clients(args, runs, prior, samples=samples, seed=seed)
                 cap = C.client_capture(data, model=args.model, width=args.width, protocol=protocol,
                                        samples=samples, seed=seed, checkpoint=args.victim_checkpoint)
                 out = runs / args.dataset / f"{opt_name}-steps{steps}" / variant / f"seed{seed}"
-                C.attack_cells([attack], cap, out, seed=seed, args=args, iterations=iterations, prior=prior,
+                C.attack_cells([attack], cap, out, seed=seed, args=args, iterations=iterations, prior=prior.name,
                                fm=fm, per_attack=per_attack, extra={attack: extra},
                                tag=f"{opt_name} {steps} step(s) {variant} seed {seed}")
             summary = C.seed_summary(per_attack[attack])
             result["cells"].append({"local_steps": steps, "optimizer": opt_name, "lr": lr, "variant": variant,
                                     "attack": attack, "overrides": extra, "iterations": iterations[attack],
-                                    "protocol": protocol.as_meta(samples), "prior": prior_info, **summary})
+                                    "protocol": protocol.as_meta(samples),
+                                    "prior": prior.info if attack in C.PRIOR_ATTACKS else None, **summary})
             result["wall_seconds"] = round(time.time() - t0, 1)
             C.write_results(out_json, result)
             r, n = summary["real"], summary["null"] or {}
             rows.append([steps, f"{opt_name} {lr:g}", variant, iterations[attack], r["psnr"], r["ssim"],
                          r["matching_loss"], f"{C.fmt(n.get('psnr'))} / {C.fmt(n.get('ssim'))}"])
-    header = ["local steps", "local opt", "variant", "iters", "PSNR", "SSIM", "matching loss", "null PSNR / SSIM"]
-    footer = f"means over {len(args.seeds)} seed(s) x {args.clients} clients"
-    if prior_used is None:
-        print("\n" + C.markdown_table(header, rows) + "\n\n" + footer + f"\nwrote {out_json}")
-    else:
-        C.print_table(header, rows, footer=footer, prior_info=prior_used, written=str(out_json))
+    C.print_table(["local steps", "local opt", "variant", "iters", "PSNR", "SSIM", "matching loss",
+                   "null PSNR / SSIM"], rows, footer=f"means over {len(args.seeds)} seed(s) x {args.clients} clients",
+                  prior_info=prior.info, written=str(out_json))
     return 0
 
 
