@@ -2,9 +2,11 @@
 
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import chex
 import flax.linen as nn
@@ -257,6 +259,48 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     with pytest.raises(artifacts.ArtifactError, match="data.digest"):
         train_flow_prior(_data(seed=1), config=TINY, train_config=TRAIN, out=out, resume=True,
                          progress=False)
+
+
+_KILLED_CHILD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from jaxleak.priors import TrainConfig, UNetConfig, train_flow_prior
+    config = UNetConfig(**{config})
+    train = TrainConfig(**{train})
+    train_flow_prior(np.load(sys.argv[1]), config=config, train_config=train, out=sys.argv[2], progress=False)
+""")
+
+
+def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path):
+    """A training process killed with SIGKILL mid-run resumes from its last committed checkpoint to the
+    bit-identical result of a run that was never interrupted."""
+    train = dataclasses.replace(TRAIN, steps=8, checkpoint_every=2)
+    np.save(tmp_path / "data.npy", _data())
+    out = tmp_path / "prior"
+    fields = lambda c: {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}  # noqa: E731
+    code = _KILLED_CHILD.format(config=fields(TINY), train=fields(train))
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "data.npy"), str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "steps" / "2" / "commit_success.txt").is_file():
+            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the child never wrote its step-2 checkpoint"
+            time.sleep(0.02)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL  # killed, not finished
+    committed = [int(p.name) for p in (out / "steps").iterdir() if (p / "commit_success.txt").is_file()]
+    assert 2 <= max(committed) < 8
+
+    resumed = train_flow_prior(_data(), config=TINY, train_config=train, out=out, resume=True,
+                               progress=False)
+    straight = train_flow_prior(_data(), config=TINY, train_config=train, progress=False)
+    assert int(resumed.state.step) == 8
+    for a, b in zip(jax.tree_util.tree_leaves(straight.state), jax.tree_util.tree_leaves(resumed.state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_load_refuses_another_kind_and_a_missing_folder(tmp_path):
