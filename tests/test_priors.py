@@ -277,8 +277,7 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path):
     train = dataclasses.replace(TRAIN, steps=8, checkpoint_every=2)
     np.save(tmp_path / "data.npy", _data())
     out = tmp_path / "prior"
-    fields = lambda c: {f.name: getattr(c, f.name) for f in dataclasses.fields(c)}  # noqa: E731
-    code = _KILLED_CHILD.format(config=fields(TINY), train=fields(train))
+    code = _KILLED_CHILD.format(config=dataclasses.asdict(TINY), train=dataclasses.asdict(train))
     child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "data.npy"), str(out)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
