@@ -20,10 +20,14 @@ the table. The CPU run of experiments/baselines/README.md ("Image space"):
     JAXLEAK_DATA_DIR=../shared/data nice -n 5 python experiments/baselines/image_space.py \\
         --n 8 --ig-width 16 --ig-iterations 500 --sme-iterations 500
 
-and the SME budget check at SME's code's 1,000 iterations (no null runs, so no verdict is "clear"):
+the SME budget check at SME's code's 1,000 iterations (no null runs, so no verdict is "clear"):
 
     ... image_space.py --n 8 --attacks sme --sme-iterations 1000 --no-null \\
         --out experiments/baselines/results/image_space_sme1000.json --runs experiments/baselines/runs/image_space_sme1000
+
+and SME on clients of 5 distinct images (``--sme-samples 5``: Table 2's clients, 5 local steps of B = 1
+over the client's 5 images; ``--n`` clients, so 5 x ``--n`` images; the paired differences and the verdict
+are then over clients, each client's images averaged, since one run reconstructs them together).
 
 Smoke run (seconds of attack time, results to /tmp): ``--quick``.
 """
@@ -53,9 +57,17 @@ def captures(args: argparse.Namespace) -> dict[str, Any]:
     from jaxleak import audit
 
     data = audit.load_data("cifar10", split="test", n=args.n, seed=args.seed, image_size=args.image_size)
-    victim, variables, meta = audit.build_victim("convnet", dataset=data, width=args.ig_width)
-    out = {"ig": audit.capture(victim, variables, data, keep_update=True, keep_params=True, extra_meta=meta)}
-    protocol, samples = C.fedavg_setting(batch=1, local_batches=5, optimizer="sgd", lr=0.004, reading="repeat")
+    out = {}
+    if "ig" in args.attacks:
+        victim, variables, meta = audit.build_victim("convnet", dataset=data, width=args.ig_width)
+        out["ig"] = audit.capture(victim, variables, data, keep_update=True, keep_params=True, extra_meta=meta)
+    reading = "repeat" if args.sme_samples == 1 else "distinct"
+    protocol, samples = C.fedavg_setting(batch=1, local_batches=5, optimizer="sgd", lr=0.004, reading=reading)
+    if samples != args.sme_samples:
+        raise SystemExit(f"--sme-samples must be 1 or 5 (5 local steps of B = 1), got {args.sme_samples}")
+    if samples > 1:
+        data = audit.load_data("cifar10", split="test", n=args.n * samples, seed=args.seed,
+                               image_size=args.image_size)
     out["sme"] = C.client_capture(data, model="convnet-sme", width=args.sme_width, protocol=protocol,
                                   samples=samples, seed=args.seed)
     return out
@@ -115,6 +127,11 @@ def per_target(out: Path) -> dict[str, list[float]]:
             for k in PER_TARGET if k in metrics}
 
 
+def client_means(values: list[float], samples: int) -> list[float]:
+    """Per-client means of per-image ``values`` (client-major order, ``samples`` images each)."""
+    return np.nanmean(np.asarray(values, float).reshape(-1, samples), axis=1).tolist()
+
+
 def paired(a: list[float], b: list[float]) -> dict[str, float]:
     """Per-target difference ``b - a``: mean, std, standard error of the mean, and how many targets are > 0."""
     d = np.asarray(b) - np.asarray(a)
@@ -158,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ig-iterations", type=int, default=1000)
     parser.add_argument("--sme-iterations", type=int, default=1000)
     parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
+    parser.add_argument("--sme-samples", type=int, default=1,
+                        help="SME's images per client: 1 (5 local steps on the one image, IG's image) or 5 "
+                             "(5 distinct images, Table 2's clients)")
     parser.add_argument("--chunk", type=int, default=50, help="driver: iterations per compiled call")
     parser.add_argument("--quick", action="store_true", help="smoke run: 16x16, width 8, 2 images, 3 iterations")
     parser.add_argument("--out", default=None, help="results JSON (default results/image_space.json here)")
@@ -184,8 +204,11 @@ def main(argv: list[str] | None = None) -> None:
                     "ig": {"victim": "convnet", "width": args.ig_width or 64, "protocol": "fedsgd B=1",
                            "labels": "known"},
                     "sme": {"victim": "convnet-sme", "width": args.sme_width or 64,
-                            "protocol": "fedavg sgd lr 0.004, 5 local steps of B=1 on the client's one image",
-                            "labels": "known"}},
+                            "protocol": ("fedavg sgd lr 0.004, 5 local steps of B=1 on the client's one image"
+                                         if args.sme_samples == 1 else
+                                         "fedavg sgd lr 0.004, 5 local steps of B=1 over the client's 5 images"),
+                            "images_per_client": args.sme_samples, "labels": "known",
+                            "differences_over": "images" if args.sme_samples == 1 else "clients"}},
         "results": {},
     }
     payload["command"] = payload["command"].replace("experiments/flow_matching/", "experiments/baselines/")
@@ -197,7 +220,11 @@ def main(argv: list[str] | None = None) -> None:
             out = runs / f"{attack}-{space}"
             rows = C.run_cell(attack, caps[attack], out, overrides=overrides, options=options, seed=0,
                               null=not args.no_null, force=args.force)
-            entry: dict[str, Any] = {"overrides": overrides, **box_fractions(attack, caps[attack], overrides, 0)}
+            samples = args.sme_samples if attack == "sme" else 1
+            # the box fractions take one image per target; with several they are not measured
+            fractions = (box_fractions(attack, caps[attack], overrides, 0) if samples == 1 else
+                         {"start_outside_box": None, "on_box_after_step1": None})
+            entry: dict[str, Any] = {"overrides": overrides, **fractions}
             for kind, sub in (("real", attack), ("null", attack + "-null"))[:1 if args.no_null else 2]:
                 values = per_target(out / sub)
                 entry[kind] = {
@@ -214,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
                                  if kind in entry for k in PER_TARGET}}), flush=True)
         for kind, key in (("real", "difference"), ("null", "difference_null"))[:1 if args.no_null else 2]:
             a, b = (result["spaces"][s][kind]["per_target"] for s in SPACES)
-            result[key] = {k: paired(a[k], b[k]) for k in PER_TARGET if k in a}
+            m = args.sme_samples if attack == "sme" else 1
+            result[key] = {k: paired(client_means(a[k], m), client_means(b[k], m)) for k in PER_TARGET if k in a}
         result["verdict"] = verdict(result)
         payload["results"][attack] = result
         C.write_results(out_json, payload)
@@ -232,8 +260,9 @@ def table(payload: dict[str, Any]) -> str:
                                          if k in e.get(part, {}) else "-")
             rows.append([attack, space, payload["setting"]["iterations"][attack], cell("real", "psnr"),
                          cell("real", "ssim"), cell("real", "lpips_alex"), cell("null", "psnr"),
-                         cell("null", "ssim"), cell("null", "lpips_alex"), e["start_outside_box"],
-                         e["on_box_after_step1"]])
+                         cell("null", "ssim"), cell("null", "lpips_alex"),
+                         "-" if e["start_outside_box"] is None else e["start_outside_box"],
+                         "-" if e["on_box_after_step1"] is None else e["on_box_after_step1"]])
         d, dn = result["difference"], result.get("difference_null", {})
         psnr = (f"{d['psnr']['mean']:+.2f} (sem {d['psnr']['sem']:.2f}, "
                 f"{d['psnr']['positive']}/{d['psnr']['n']} > 0)")
