@@ -278,12 +278,14 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path):
     np.save(tmp_path / "data.npy", _data())
     out = tmp_path / "prior"
     code = _KILLED_CHILD.format(config=dataclasses.asdict(TINY), train=dataclasses.asdict(train))
-    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "data.npy"), str(out)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "child.log"  # a file, not a pipe: a full pipe would stall the child
+    with log.open("wb") as sink:
+        child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "data.npy"), str(out)],
+                                 stdout=sink, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
         while not (out / "steps" / "2" / "commit_success.txt").is_file():
-            assert child.poll() is None, child.stderr.read().decode()[-2000:]
+            assert child.poll() is None, log.read_text()[-2000:]
             assert time.monotonic() < deadline, "the child never wrote its step-2 checkpoint"
             time.sleep(0.02)
         child.send_signal(signal.SIGKILL)
