@@ -76,6 +76,45 @@ def test_fedsgd_is_replayed_as_one_full_batch_sgd_step_of_lr_one():
         np.testing.assert_allclose(flatten_tree(sim)[path], want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
 
 
+def test_precode_victim_is_replayed_along_its_mean_path_with_its_kl():
+    """A PRECODE client's draws are unknown to the attacker: DLF's replay takes eps = 0 and keeps the KL."""
+    victim = get_victim("mlp", image_shape=(4, 4, 1), num_classes=3, hidden=5, precode=2)
+    w0 = victim.init(jax.random.key(0))
+    x = jax.random.uniform(jax.random.key(1), (3, 4, 4, 1))
+    y = jnp.array([2, 0, 1])
+    lr = 0.1
+    protocol = Protocol(kind="fedavg", local_epochs=1, local_batch=1, optimizer="sgd", lr=lr)
+
+    def mean_path_loss(params, image, label):  # written out: z = mu, plus beta * KL(q || N(0, I)) / ln 2
+        logits = victim.apply({"params": params}, image[None])  # no key: the deterministic mode
+        ce = -jax.nn.log_softmax(logits[0])[label]
+        enc = params["precode"]["encoder"]
+        h = victim.layer_input({"params": params}, image[None], layer="precode")[0]  # the encoder's input
+        stats = h @ enc["kernel"] + enc["bias"]
+        mu, std = stats[:2], jax.nn.softplus(stats[2:])
+        kl = 0.5 * jnp.sum(mu**2 + std**2 - 1.0 - 2.0 * jnp.log(std))
+        return ce + victim.precode_beta * kl / math.log(2.0)
+
+    params = w0["params"]
+    for t in range(3):  # slot order: step t takes image t
+        grad = jax.grad(mean_path_loss)(params, x[t], y[t])
+        params = jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grad)
+    want = jax.tree_util.tree_map(jnp.subtract, w0["params"], params)
+    sim = simulated_update(victim, w0, x[None], jax.nn.one_hot(y, 3)[None], protocol=protocol)
+    for path, w in flatten_tree(want).items():
+        np.testing.assert_allclose(flatten_tree(sim)[path], w, rtol=0, atol=1e-5 * float(np.abs(w).max()) + 1e-9,
+                                   err_msg=path)
+    # The client itself samples eps, so its update is not the mean path's.
+    sampled = local_update(victim, w0, x, y, jax.random.key(3), protocol=protocol).update
+    assert not np.allclose(flatten_tree(sampled)["precode/decoder/kernel"], flatten_tree(sim)["precode/decoder/kernel"])
+    # And DLF runs on it: one step of the attack is finite.
+    problem = make_dlf(victim, DLFConfig(iterations=3), batch_size=3, protocol=protocol, prior=None)
+    target = {"update": sampled, "label_probs": jax.nn.one_hot(y, 3)}
+    shared = {"variables": w0, "prior": None}
+    state, match = problem.step(problem.init(jax.random.key(4), target, shared), target, shared, 0)
+    assert np.isfinite(float(match)) and np.all(np.isfinite(np.asarray(state["z"])))
+
+
 def test_simulated_update_depends_on_order_when_epochs_differ():
     victim = _mlp()
     w0 = victim.init(jax.random.key(0))
@@ -175,9 +214,6 @@ def test_config_validation():
         make_dlf(victim, c, batch_size=0, protocol=fedavg, prior=None)
     with pytest.raises(ValueError, match="prior"):
         make_dlf(victim, c, batch_size=2, protocol=fedavg, prior="x")
-    precode = get_victim("mlp", image_shape=(4, 4, 1), num_classes=3, hidden=5, precode=2)
-    with pytest.raises(ValueError, match="deterministic"):
-        make_dlf(precode, c, batch_size=2, protocol=fedavg, prior=None)
     assert make_dlf(victim, c, batch_size=2, protocol=fedavg, prior=None) is make_dlf(
         victim, c, batch_size=2, protocol=fedavg, prior=None)
 

@@ -91,10 +91,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-DLF_PRECODE = ("not run: DLF replays the client's local steps, whose PRECODE bottleneck draws the attacker "
-               "does not know; jaxleak's DLF refuses a stochastic victim")
-
-
 def update_rms(cap) -> float:
     """RMS over all coordinates and clients of the released update (the scale the noise is read against)."""
     leaves = [np.asarray(v, np.float64) for v in cap.update.values()]
@@ -119,12 +115,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     out_rows = []
     for label, group, spelling, precode in rows_spec:
-        # DLF replays the client's local steps; under PRECODE those draw bottleneck noise the attacker does
-        # not know, and jaxleak's DLF refuses a stochastic victim rather than guess (SME / FM evaluate the
-        # victim at eps = 0).
-        skipped = {"dlf": DLF_PRECODE} if precode and "dlf" in attacks else {}
-        row_attacks = [a for a in attacks if a not in skipped]
-        per_attack = {a: {"real": [], "null": []} for a in row_attacks}
+        # Under PRECODE the client's local steps draw bottleneck noise the attacker does not know: SME / FM
+        # evaluate the victim at eps = 0, and DLF replays the steps along the mean path (eps = 0).
+        per_attack = {a: {"real": [], "null": []} for a in attacks}
         rms = []
         for seed in args.seeds:
             data, prior = C.seed_clients(args, runs, prior, samples=samples, seed=seed)
@@ -133,12 +126,11 @@ def main(argv=None) -> int:
                                    checkpoint=args.victim_checkpoint)
             rms.append(update_rms(cap))
             out = runs / label.replace(" ", "_").replace("=", "") / f"seed{seed}"
-            C.attack_cells(row_attacks, cap, out, seed=seed, args=args, iterations=iterations, prior=prior.name,
+            C.attack_cells(attacks, cap, out, seed=seed, args=args, iterations=iterations, prior=prior.name,
                            fm=fm, per_attack=per_attack, tag=f"{label} seed {seed}")
         out_rows.append({
             "label": label, "paper_group": group, "defense": spelling, "precode": precode,
             "update_rms": float(np.mean(rms)), "attacks": C.summarize(per_attack, iterations),
-            **({"skipped": skipped} if skipped else {}),
         })
         result.update(rows=out_rows, prior=prior.info, wall_seconds=round(time.time() - t0, 1))
         C.write_results(out_json, result)
@@ -155,8 +147,6 @@ def main(argv=None) -> int:
                           r["lpips_vgg"], r["lpips_alex"], r["fmse"], r["mse"], r["tv"],
                           f"{C.fmt(n.get('psnr'))} / {C.fmt(n.get('ssim'))}",
                           " / ".join(C.fmt(v) for v in paper) if paper else "-"])
-        for attack in row.get("skipped", {}):
-            table.append([row["label"], row["update_rms"], attack, "not run (stochastic victim)", *["-"] * 9])
     C.print_table(header, table, prior_info=prior.info, written=str(out_json), footer=(
         f"means over {len(args.seeds)} seed(s) x {args.clients} clients, {args.dataset}:{args.split}, "
         f"B = {args.batch}, local {args.optimizer} {lr:g}"), after="paper rows: its Table 4 (none: Table 2)")

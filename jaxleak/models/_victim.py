@@ -157,12 +157,16 @@ class Victim:
         self,
         variables: Variables,
         images: Float[Array, "b h w c"],
-        labels: Int[Array, " b"],
+        labels: Int[Array, " b"] | Float[Array, "b k"],
         *,
         train: bool,
         key: jax.Array | None,
     ) -> tuple[Float[Array, " b"], Variables]:
-        """Per-example training objective and the (possibly updated) ``batch_stats``."""
+        """Per-example training objective and the (possibly updated) ``batch_stats``.
+
+        Float ``labels`` ``[b, K]`` are label distributions (soft cross-entropy). A PRECODE
+        victim without ``key`` runs its mean path ``z = mu``; its KL term is there either way.
+        """
         mutable = (["batch_stats"] if train else []) + ([INTERMEDIATES] if self.stochastic else [])
         rngs = self._rngs(key)
         if mutable:
@@ -171,7 +175,10 @@ class Victim:
             )
         else:
             logits, state = self.module.apply(variables, images, train=train, rngs=rngs), {}
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        if jnp.issubdtype(labels.dtype, jnp.floating):
+            losses = optax.softmax_cross_entropy(logits, labels)
+        else:
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         if self.stochastic:
             kl = state[INTERMEDIATES]["precode"]["kl"][-1]
             losses = losses + precode_penalty(kl, self.precode_beta)
@@ -281,6 +288,35 @@ class Victim:
             variables, image[None], jnp.asarray(label)[None], train=False, key=key
         )
         return losses[0]
+
+    def soft_losses(
+        self,
+        variables: Variables,
+        images: Float[Array, "b h w c"],
+        label_probs: Float[Array, "b k"],
+    ) -> Float[Array, " b"]:
+        """Per-example loss against label distributions: the objective an attacker replays.
+
+        Soft cross-entropy (an attacker's dummy labels), BatchNorm in inference mode. An
+        attacker does not know a PRECODE client's draws, so a PRECODE victim runs its
+        bottleneck's mean path (``eps = 0``, ``z = mu``) and keeps its KL term, which does not
+        depend on the draw. With one-hot labels on a deterministic victim the gradient of the
+        mean is the client's step gradient.
+
+        Args:
+          variables: model variables.
+          images: NHWC batch.
+          label_probs: ``[b, K]`` label distributions.
+
+        Returns:
+          ``[b]`` losses.
+
+        >>> victim = get_victim("mlp", image_shape=(4, 4, 1), num_classes=3, precode=2)
+        >>> victim.soft_losses(victim.init(jax.random.key(0)), jnp.zeros((2, 4, 4, 1)), jnp.full((2, 3), 1 / 3)).shape
+        (2,)
+        """
+        self._check_batch(images)
+        return self._objective(variables, images, label_probs, train=False, key=None)[0]
 
     def batch_loss(
         self,

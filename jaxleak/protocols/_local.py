@@ -56,24 +56,21 @@ def _all_finite(tree: PyTree) -> Bool[Array, ""]:
 
 def _soft_loss(victim, params: PyTree, batch_stats: PyTree | None, image: Float[Array, "h w c"],
                probs: Float[Array, " k"]) -> Float[Array, ""]:
-    """Cross-entropy of ONE example against a label distribution (BatchNorm in inference mode)."""
+    """:meth:`Victim.soft_losses` of ONE example (a PRECODE victim: its mean path, with its KL)."""
     variables = {"params": params}
     if victim.has_batch_stats:
         variables["batch_stats"] = batch_stats
-    logits = victim.module.apply(variables, image[None], train=False)
-    return optax.softmax_cross_entropy(logits, probs[None])[0]
+    return victim.soft_losses(variables, image[None], probs[None])[0]
 
 
 def _example_loss(victim, soft: bool = False) -> Callable:
     """``(params, batch_stats, image, label, key) -> loss`` of one example.
 
     ``soft``: the label is a distribution ``[K]`` (an attacker's dummy labels) rather than a
-    class index; PRECODE's sampled bottleneck is not supported there.
+    class index; a PRECODE victim then runs its mean path and ignores the key (:func:`_soft_loss`).
     """
     stochastic = getattr(victim, "stochastic", False)
     if soft:
-        if stochastic:
-            raise ValueError(f"{victim.name}: soft labels are not supported for a stochastic (PRECODE) victim")
         return lambda p, bs, x, y, k: _soft_loss(victim, p, bs, x, y)
     if stochastic:
         return lambda p, bs, x, y, k: victim.loss(p, bs, x, y, k)
@@ -96,8 +93,9 @@ def step_gradient(
     Without ``step``: the gradient of the mean loss over the ``valid`` examples. With a
     step-stage defense (DP): per-example gradients, then ``step(grads, noise_key)``;
     padding is not allowed there (the caller checks ``B | M``). Float ``labels`` ``[b, K]``
-    are label distributions (soft cross-entropy, as an attacker's dummy labels); the keys
-    may be ``None`` when the victim is deterministic and there is no ``step``.
+    are label distributions (soft cross-entropy, as an attacker's dummy labels; a PRECODE
+    victim then runs its mean path, :func:`_soft_loss`); the keys may be ``None`` when the
+    victim is deterministic or the labels are soft, and there is no ``step``.
     """
     one = _example_loss(victim, soft=jnp.issubdtype(labels.dtype, jnp.floating))
     if step is None:
@@ -220,11 +218,13 @@ def run_local_steps(
       variables: the server's variables ``w0`` (``params``, optionally ``batch_stats``).
       batches: ``[T, B, H, W, C]`` images of each local step, in step order.
       labels: ``[T, B]`` class indices, or ``[T, B, K]`` label distributions (soft
-        cross-entropy; deterministic victims only).
+        cross-entropy, an attacker's replay: a PRECODE victim runs its bottleneck's mean
+        path ``z = mu`` with its KL penalty, since the client's draws are unknown).
       valid: ``[T, B]``; ``False`` marks padding (left out of the step's mean loss).
       protocol: a ``fedavg`` :class:`Protocol` (its optimizer and lr; static).
       step: optional step-stage defense (DP) on every step's per-example gradients.
-      sample_keys: ``[T, B]`` keys of a stochastic victim's samples (``None`` otherwise).
+      sample_keys: ``[T, B]`` keys of a stochastic victim's samples (``None`` otherwise,
+        and with soft labels).
       noise_keys: ``[T]`` keys of ``step`` (``None`` without it).
       eps_root: see :func:`local_optimizer` (0 for the client itself).
 
@@ -244,7 +244,8 @@ def run_local_steps(
     """
     if step is not None and noise_keys is None:
         raise ValueError("a step-stage defense needs noise_keys [T]")
-    if getattr(victim, "stochastic", False) and sample_keys is None:
+    soft = jnp.issubdtype(labels.dtype, jnp.floating)
+    if getattr(victim, "stochastic", False) and sample_keys is None and not soft:
         raise ValueError(f"{victim.name} samples its bottleneck: pass sample_keys [T, B]")
     params = variables["params"]
     batch_stats = variables.get("batch_stats")

@@ -228,10 +228,13 @@ def simulated_update(
 
     Runs the client's own local steps (:func:`jaxleak.protocols._local.run_local_steps`) with
     soft labels; differentiable in ``images``. With ``images[e]`` = the true images in the
-    order of the capture's ``schedule[e]`` it reproduces the capture's (noise-free) update.
+    order of the capture's ``schedule[e]`` it reproduces the capture's (noise-free) update
+    of a deterministic victim.
 
     Args:
-      victim: a deterministic victim (static).
+      victim: the victim (static); a PRECODE one runs its bottleneck's mean path ``z = mu``
+        with its KL penalty (soft labels, :func:`jaxleak.protocols._local.run_local_steps`), so
+        its simulated update differs from the client's sampled one by the draws' effect.
       variables: server variables ``w0``.
       images: ``[E, M, H, W, C]`` one copy of the client's images per epoch, in [0, 1].
       label_probs: ``[E, M, K]`` their label distributions.
@@ -373,7 +376,8 @@ def make_dlf(victim, config: DLFConfig, *, batch_size: int, protocol: Protocol, 
     """DLF for ONE observed FedAvg update of a client of ``batch_size`` images.
 
     Args:
-      victim: the victim (deterministic; hashable).
+      victim: the victim (hashable). A PRECODE victim is replayed along its bottleneck's mean
+        path (``eps = 0``): the attacker cannot know the client's draws (:func:`simulated_update`).
       config: :class:`DLFConfig`.
       batch_size: the client's number of images ``M``.
       protocol: the client's :class:`Protocol` (E, B, optimizer, lr), public in the capture's
@@ -387,7 +391,7 @@ def make_dlf(victim, config: DLFConfig, *, batch_size: int, protocol: Protocol, 
       reports is the matching term alone (``sum_i e^{-i} ||.||^2 / S``, no schedule weight).
 
     Raises:
-      ValueError: ``batch_size < 1``, a prior, or a stochastic victim.
+      ValueError: ``batch_size < 1`` or a prior.
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxleak.models import get_victim
@@ -405,8 +409,6 @@ def make_dlf(victim, config: DLFConfig, *, batch_size: int, protocol: Protocol, 
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if prior is not None:
         raise ValueError("DLF uses no learned prior: pass prior=None")
-    if getattr(victim, "stochastic", False):
-        raise ValueError(f"DLF needs a deterministic victim; {victim.name} samples a PRECODE bottleneck")
     protocol = replay_protocol(protocol)
     epochs, steps, _ = protocol.schedule_shape(batch_size)
     weights = dlf_layer_weights(victim, decay=config.layer_decay)

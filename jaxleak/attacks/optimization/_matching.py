@@ -12,7 +12,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from jaxtyping import Array, Float, PyTree
 
 from jaxleak.capture.io import flatten_tree, unflatten_tree
@@ -165,17 +164,16 @@ def batch_loss(
     images: Float[Array, "b h w c"],
     label_probs: Float[Array, "b k"],
 ) -> Float[Array, ""]:
-    """Mean soft-label cross-entropy of a batch, BatchNorm in inference mode.
+    """Mean of :meth:`jaxleak.models.Victim.soft_losses` over a batch (BatchNorm in inference mode).
 
     With one-hot ``label_probs`` its gradient equals the FedSGD update of
     :func:`jaxleak.capture.capture_updates` without protection (mean of the
-    per-example gradients).
+    per-example gradients). A PRECODE victim runs its bottleneck's mean path with its KL term.
     """
     variables: dict[str, Any] = {"params": params}
     if victim.has_batch_stats:
         variables["batch_stats"] = batch_stats
-    logits = victim.module.apply(variables, images, train=False)
-    return jnp.mean(optax.softmax_cross_entropy(logits, label_probs))
+    return jnp.mean(victim.soft_losses(variables, images, label_probs))
 
 
 def dummy_gradient(
