@@ -32,3 +32,20 @@ def test_venom_table1_quick_pipeline_writes_a_result_the_report_reads(tmp_path, 
     capsys.readouterr()
     assert report.main([str(tmp_path / "res" / "mnist-embedded-paper.json")]) == 0
     assert "| venom | 10 |" in capsys.readouterr().out
+
+
+def test_figure3_keep_takes_the_earlier_points_at_batch_sizes_not_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "experiments/flow_matching"))
+    figure3 = _load(ROOT / "experiments/flow_matching/figure3.py")
+    earlier = tmp_path / "figure3.json"
+    earlier.write_text(json.dumps({"points": [{"batch": b, "attack": a} for b in (1, 8, 16) for a in ("sme", "fm")]}))
+    args = figure3.parse_args(["--batches", "16", "--keep", str(earlier)])
+    assert sorted((p["batch"], p["attack"]) for p in args.kept) == [(1, "fm"), (1, "sme"), (8, "fm"), (8, "sme")]
+    assert figure3.parse_args(["--batches", "16"]).kept == []
+    for bad in (tmp_path / "missing.json", tmp_path / "figure3.png"):
+        if bad.suffix == ".png":
+            bad.write_bytes(b"\x89PNG")
+        with pytest.raises(SystemExit) as exit_info:
+            figure3.parse_args(["--keep", str(bad)])
+        assert exit_info.value.code == 2
+        assert "not a readable figure3 results JSON" in capsys.readouterr().err

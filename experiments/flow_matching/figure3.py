@@ -34,9 +34,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=None, help="client batch sizes (default 1 2 4 8 16)")
     p.add_argument("--optimizer", choices=sorted(C.OPTIMIZERS), default="adam")
     p.add_argument("--png", default=None, help="plot (default: next to --out, .png)")
+    p.add_argument("--keep", default=None, metavar="JSON",
+                   help="an earlier figure3 results JSON: its points at batch sizes not run here are kept "
+                        "(plot, table and output; recorded as kept_from)")
     args = C.parse_common(p, argv)
     args.batches = args.batches or ([1, 2] if args.quick else [1, 2, 4, 8, 16])
+    try:
+        args.kept = kept_points(args.keep, args.batches)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        p.error(f"--keep {args.keep}: not a readable figure3 results JSON ({err})")
     return args
+
+
+def kept_points(path: str | None, batches: list[int]) -> list[dict]:
+    """The points of an earlier figure3 JSON at batch sizes not in ``batches`` (none without ``path``)."""
+    if path is None:
+        return []
+    import json
+    from pathlib import Path
+
+    points = json.loads(Path(path).read_text())["points"]
+    return [p for p in points if p["batch"] not in batches]
 
 
 def plot(points: list[dict], path, *, title: str) -> None:
@@ -74,6 +92,9 @@ def main(argv=None) -> int:
         "png": png,
         "points": [],
     }
+    kept = args.kept
+    if kept:
+        result["kept_from"] = {"file": args.keep, "batches": sorted({p["batch"] for p in kept})}
     prior = None
     t0 = time.time()
     points = []
@@ -91,6 +112,8 @@ def main(argv=None) -> int:
         points += [{"batch": batch, "samples": samples, "attack": attack, "iterations": iterations[attack],
                     "protocol": {**protocol.as_meta(samples), "reading": args.reading}, **C.seed_summary(v)}
                    for attack, v in per_attack.items()]
+        points = sorted(points + [p for p in kept if p["batch"] not in {q["batch"] for q in points}],
+                        key=lambda p: (p["batch"], p["attack"]))
         result.update(points=points, prior=prior.info, wall_seconds=round(time.time() - t0, 1))
         C.write_results(out_json, result)
 
