@@ -38,9 +38,11 @@ def test_figure3_keep_takes_the_earlier_points_at_batch_sizes_not_run(tmp_path, 
     monkeypatch.syspath_prepend(str(ROOT / "experiments/flow_matching"))
     figure3 = _load(ROOT / "experiments/flow_matching/figure3.py")
     earlier = tmp_path / "figure3.json"
-    earlier.write_text(json.dumps({"points": [{"batch": b, "attack": a} for b in (1, 8, 16) for a in ("sme", "fm")]}))
+    earlier.write_text(json.dumps({"command": "figure3.py --batches 1 8", "date": "d",
+                                   "points": [{"batch": b, "attack": a} for b in (1, 8, 16) for a in ("sme", "fm")]}))
     args = figure3.parse_args(["--batches", "16", "--keep", str(earlier)])
     assert sorted((p["batch"], p["attack"]) for p in args.kept) == [(1, "fm"), (1, "sme"), (8, "fm"), (8, "sme")]
+    assert args.kept_source["batches"] == [1, 8] and args.kept_source["command"] == "figure3.py --batches 1 8"
     assert figure3.parse_args(["--batches", "16"]).kept == []
     for bad in (tmp_path / "missing.json", tmp_path / "figure3.png"):
         if bad.suffix == ".png":

@@ -40,21 +40,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = C.parse_common(p, argv)
     args.batches = args.batches or ([1, 2] if args.quick else [1, 2, 4, 8, 16])
     try:
-        args.kept = kept_points(args.keep, args.batches)
+        args.kept, args.kept_source = kept_points(args.keep, args.batches)
     except (OSError, ValueError, KeyError, TypeError) as err:
         p.error(f"--keep {args.keep}: not a readable figure3 results JSON ({err})")
     return args
 
 
-def kept_points(path: str | None, batches: list[int]) -> list[dict]:
-    """The points of an earlier figure3 JSON at batch sizes not in ``batches`` (none without ``path``)."""
+def kept_points(path: str | None, batches: list[int]) -> tuple[list[dict], dict | None]:
+    """The points of an earlier figure3 JSON at batch sizes not in ``batches``, and where they came from.
+
+    The source is the file with its own command and date (the file may be overwritten by this run's output).
+    """
     if path is None:
-        return []
+        return [], None
     import json
     from pathlib import Path
 
-    points = json.loads(Path(path).read_text())["points"]
-    return [p for p in points if p["batch"] not in batches]
+    earlier = json.loads(Path(path).read_text())
+    points = [p for p in earlier["points"] if p["batch"] not in batches]
+    source = {"file": path, "batches": sorted({p["batch"] for p in points}),
+              **{k: earlier.get(k) for k in ("command", "date", "machine", "wall_seconds")}}
+    return points, source
 
 
 def plot(points: list[dict], path, *, title: str) -> None:
@@ -94,7 +100,7 @@ def main(argv=None) -> int:
     }
     kept = args.kept
     if kept:
-        result["kept_from"] = {"file": args.keep, "batches": sorted({p["batch"] for p in kept})}
+        result["kept_from"] = args.kept_source
     prior = None
     t0 = time.time()
     points = []
