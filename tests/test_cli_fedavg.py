@@ -103,6 +103,21 @@ def test_attack_on_a_fedavg_capture_end_to_end(tmp_path, capsys):
     assert np.load(out / "reconstructions.npz")["images"].shape == (2, 2, 12, 12, 1)
 
 
+def test_dlf_attacks_a_precode_fedavg_capture(tmp_path, capsys):
+    """DLF replays a PRECODE client along the bottleneck's mean path (it cannot know the client's draws)."""
+    caps = tmp_path / "caps.npz"
+    assert _run(capsys, "capture", "--model", "mlp", "--hidden", "8", "--image-size", "8", "--precode", "4",
+                "--n", "2", "--protocol", "fedavg", "--samples", "2", "--local-batch", "1", "--local-optimizer",
+                "sgd", "--keep-update", "--keep-params", "--quiet", "--out", str(caps))[0] == 0
+    out = tmp_path / "dlf"
+    code, _, err = _run(capsys, "attack", "dlf", "--capture", str(caps), "--out", str(out), "--iterations", "2",
+                        "--quiet", "--lpips-net", "none")
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["metrics"]["psnr"]["values"]) == 4
+    assert np.isfinite(metrics["metrics"]["psnr"]["values"]).all()
+
+
 @pytest.mark.slow
 def test_train_flow_prior_resume_and_sample(tmp_path, capsys):
     run = tmp_path / "prior"
