@@ -150,6 +150,27 @@ def test_alpha_zero_after_one_sgd_step_is_the_ig_cosine_loss():
     assert np.all(np.asarray(alphas) == 0.0)
 
 
+def test_layers_restrict_the_cosine_to_those_leaves():
+    """``layers`` / ``layer_weights``: at alpha = 0 after one SGD step, SME is IG's cosine over those leaves."""
+    victim = get_victim("mlp", image_shape=(4, 4, 1), num_classes=3, hidden=6)
+    w0, x, y, target = _client(victim, 2)
+    fedsgd = local_update(victim, w0, x, y, jax.random.key(2), protocol=FEDSGD).update
+    config = SMEConfig(iterations=3, alpha_init=0.0, learn_alpha=False, tv=0.0, layers=["fc1"], layer_weights=[2])
+    assert config.layers == ("fc1",) and config.layer_weights == (2.0,) and hash(config)
+    problem = make_sme(victim, config, batch_size=2, protocol=SGD_STEP, prior=None)
+    _, (images, _, losses) = _trajectory(problem, target, {"variables": w0, "prior": None}, jax.random.key(4), 3)
+    cos = lambda a, b: 1.0 - jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b))
+    first = lambda g: jnp.concatenate([g["fc1"]["kernel"].ravel(), g["fc1"]["bias"].ravel()])
+    want = [cos(first(dummy_gradient(victim, w0, im, target["label_probs"])), first(fedsgd)) for im in images]
+    np.testing.assert_allclose(np.asarray(losses), np.asarray(want), rtol=1e-4, atol=1e-6)
+    everything = make_sme(victim, dataclasses.replace(config, layers=None, layer_weights=None), batch_size=2,
+                          protocol=SGD_STEP, prior=None)
+    _, (_, _, all_losses) = _trajectory(everything, target, {"variables": w0, "prior": None}, jax.random.key(4), 3)
+    assert abs(float(all_losses[0]) - float(losses[0])) > 1e-3
+    with pytest.raises(ValueError, match="one weight per entry"):
+        SMEConfig(layers=["fc1", "head"], layer_weights=[1.0])
+
+
 # --------------------------------------------------------------------------- FM
 
 

@@ -122,6 +122,9 @@ class SMEConfig:
         exactly 0 from alpha = 0.25, 5e-13 at 0.1; matching loss 1.0 at every iteration;
         experiments/flow_matching/README.md, "Adam clients").
       sign_kappa: the soft sign's relative ``eps`` (0.01; ``update_model="adam"`` only).
+      layers, layer_weights: optional subset / weights of the leaves in the global cosine (path
+        prefixes, :func:`jaxleak.attacks.optimization.layer_weights`); default every leaf, weight 1
+        (SME's code).
     """
 
     iterations: int = 1_000
@@ -139,11 +142,18 @@ class SMEConfig:
     restarts: int = 1
     update_model: str = "gradient"
     sign_kappa: float = 0.01
+    layers: tuple[str, ...] | None = None
+    layer_weights: tuple[float, ...] | None = None
     label_modes = ("known", "infer")
 
     def __post_init__(self):
         object.__setattr__(self, "mean", as_floats(self.mean))
         object.__setattr__(self, "std", as_floats(self.std))
+        if self.layers is not None:  # hashable, as configs are cache keys
+            object.__setattr__(self, "layers", tuple(str(x) for x in self.layers))
+        object.__setattr__(self, "layer_weights", as_floats(self.layer_weights))
+        if self.layers is not None and self.layer_weights is not None and len(self.layers) != len(self.layer_weights):
+            raise ValueError("layer_weights must give one weight per entry of layers")
         if self.iterations < 1 or self.restarts < 1:
             raise ValueError(f"iterations and restarts must be >= 1, got {self.iterations}, {self.restarts}")
         if self.labels not in self.label_modes:
@@ -301,7 +311,7 @@ def make_sme(victim, config: SMEConfig, *, batch_size: int, protocol, prior: UNe
     """
     del protocol
     h, w, c = victim.image_shape
-    weights = layer_weights(victim.abstract_variables()["params"])
+    weights = layer_weights(victim.abstract_variables()["params"], layers=config.layers, weights=config.layer_weights)
     space = image_space(config.space, c, config.mean, config.std)
     to01, box = space.to_pixels, space.box
     opt_x = optax.adam(ig_schedule(config.learning_rate, config.iterations, config.lr_decay))
