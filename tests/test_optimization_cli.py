@@ -62,7 +62,7 @@ def test_attack_ig_then_null_control(captures, tmp_path, capsys):
         assert len(meta["metrics"]["lpips_alex"]["values"]) == 3 and summary["means"]["lpips_alex"] < 0.1
         assert "upsampled bilinearly from 12x12" in meta["note"]
     else:
-        assert "lpips_alex" not in summary["means"] and "lpips not computed" in meta["note"]
+        assert "lpips_alex" not in summary["means"] and "lpips_alex not computed" in meta["note"]
 
     code, out, _ = _run(capsys, "attack", "ig", "--captures", captures["clean"], "--out", tmp_path / "null",
                         "--iterations", "200", "--null", "shuffle", "--conv-impl", "xla", "--quiet", "--json")
