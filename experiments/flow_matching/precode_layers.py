@@ -41,7 +41,6 @@ def main(argv=None) -> int:
     out_json, runs = C.default_paths(args, "precode_layers")
     iterations = C.budgets(args)
     fm = C.fm_fields(args)
-    variants = {}
     attack_rows = {}
     prior = None
 
@@ -58,6 +57,7 @@ def main(argv=None) -> int:
         victim, _, _ = build_victim(args.model, dataset=data, width=args.width, precode=args.precode)
         variables = unflatten_tree(dict(cap.params))
         owners = layer_order(victim)
+        variants = {"all layers": None, "before the sample": tuple(owners[:owners.index("precode/decoder")])}
         dlf_w = flatten_tree(dlf_layer_weights(victim))
         simulate = jax.jit(functools.partial(simulated_update, victim, variables, protocol=protocol))
         for c in range(cap.n):
@@ -68,8 +68,6 @@ def main(argv=None) -> int:
             probs = np.stack([np.eye(victim.num_classes, dtype=np.float32)[y[row[row >= 0]]] for row in order])
             mean_path = flatten_tree(simulate(images, probs))
             released = {k.removeprefix("params/"): v[c] for k, v in cap.update.items()}
-            before = tuple(owners[:owners.index("precode/decoder")])
-            variants = {"all layers": None, "before the sample": before}
             for owner in owners:
                 keys = [k for k in mean_path if k.rsplit("/", 1)[0] == owner]
                 u = np.concatenate([np.ravel(released[k]) for k in keys]).astype(np.float64)
