@@ -51,3 +51,15 @@ def test_figure3_keep_takes_the_earlier_points_at_batch_sizes_not_run(tmp_path, 
             figure3.parse_args(["--keep", str(bad)])
         assert exit_info.value.code == 2
         assert "not a readable figure3 results JSON" in capsys.readouterr().err
+
+
+def test_flow_matching_aggregate_keeps_the_flops_lower_bound_flag(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "experiments/flow_matching"))
+    common = _load(ROOT / "experiments/flow_matching/_common.py")
+    rows = [{"psnr": 10.0, "flops_per_iteration": 4e9, "flops_lower_bound": True, "out": "a"},
+            {"psnr": 12.0, "flops_per_iteration": 4e9, "flops_lower_bound": False, "out": "b"}]
+    agg = common.aggregate(rows)
+    assert agg["psnr"] == 11.0 and agg["psnr_std"] == 1.0 and agg["seeds"] == 2
+    assert agg["flops_lower_bound"] is True and "flops_lower_bound_std" not in agg
+    assert common.aggregate([{**r, "flops_lower_bound": False} for r in rows])["flops_lower_bound"] is False
+    assert common.aggregate([{**r, "flops_lower_bound": None} for r in rows])["flops_lower_bound"] is None

@@ -488,10 +488,20 @@ def run_cell(attack: str, cap, out: Path, *, overrides: Mapping[str, Any], optio
 
 
 def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean and std over seeds of each numeric entry of the per-seed rows (``None`` entries skipped)."""
+    """Mean and std over seeds of each numeric entry of the per-seed rows (``None`` entries skipped);
+    a boolean flag (``flops_lower_bound``) is true when it is true for any seed.
+
+    >>> agg = aggregate([{"psnr": 10.0, "flops_lower_bound": True}, {"psnr": 12.0, "flops_lower_bound": False}])
+    >>> agg["psnr"], agg["psnr_std"], agg["flops_lower_bound"], agg["seeds"]
+    (11.0, 1.0, True, 2)
+    """
     keys = [k for k in per_seed[0] if k != "out"] if per_seed else []
     out: dict[str, Any] = {}
     for k in keys:
+        flags = [r.get(k) for r in per_seed if isinstance(r.get(k), bool)]
+        if flags:
+            out[k] = any(flags)
+            continue
         values = [r.get(k) for r in per_seed if isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool)]
         values = [v for v in values if math.isfinite(v)]
         out[k] = float(np.mean(values)) if values else None
