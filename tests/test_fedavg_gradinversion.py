@@ -7,11 +7,18 @@ FedSGD one; these tests run it end to end through the CLI on tiny captures of th
 import json
 import math
 
+import chex
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxleak import metrics
+from jaxleak.attacks import optimization as O
 from jaxleak.capture import load_capture
 from jaxleak.cli import main
+from jaxleak.models import get_victim
+from jaxleak.protocols import Protocol, local_update
 
 
 def _run(capsys, *argv):
@@ -61,15 +68,6 @@ def test_gradinversion_recovers_an_image_from_a_fedavg_update_that_is_a_gradient
     (checked), so GradInversion's reading of a FedAvg update must recover the image as from FedSGD: DLG's
     sigmoid LeNet on one 8x8 grey image, 300 iterations, PSNR > 35 dB (measured ~47). A sign slip in the
     update (``w1 - w0``) fails this."""
-    import chex
-    import jax
-    import jax.numpy as jnp
-
-    from jaxleak import metrics
-    from jaxleak.attacks import optimization as O
-    from jaxleak.models import get_victim
-    from jaxleak.protocols import Protocol, local_update
-
     victim = get_victim("lenet-dlg", image_shape=(8, 8, 1), num_classes=4)
     w0 = victim.init(jax.random.key(0))
     x = jax.random.uniform(jax.random.key(1), (1, 8, 8, 1))
