@@ -502,7 +502,7 @@ def aggregate(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if flags:
             out[k] = any(flags)
             continue
-        values = [r.get(k) for r in per_seed if isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool)]
+        values = [r.get(k) for r in per_seed if isinstance(r.get(k), int | float)]
         values = [v for v in values if math.isfinite(v)]
         out[k] = float(np.mean(values)) if values else None
         out[k + "_std"] = float(np.std(values)) if len(values) > 1 else None
